@@ -1,0 +1,166 @@
+//! A crash-safe record of what ferry wrote to a target disk.
+//!
+//! Before a batch of blocks is written the journal records an *intent* (those blocks become
+//! [`UNKNOWN`]); after the data is durable it records their new hashes. Replaying the journal
+//! over the map the disk had before gives a map that is never wrong: a block is either known
+//! exactly or unknown (and then re-sent).
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::{io_err, BlockError, BlockMap, Hash, Result, UNKNOWN};
+
+const INTENT: u8 = 1;
+const DONE: u8 = 2;
+
+/// Append-only journal of writes to one disk.
+#[derive(Debug)]
+pub struct MapJournal {
+    file: File,
+    path: PathBuf,
+}
+
+impl MapJournal {
+    /// Opens (creating if needed) the journal at `path` for appending.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        Ok(MapJournal {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Records that blocks `start..start+count` are about to be overwritten (durably).
+    pub fn intent(&mut self, start: u64, count: u64) -> Result<()> {
+        let mut rec = Vec::with_capacity(17);
+        rec.push(INTENT);
+        rec.extend_from_slice(&start.to_le_bytes());
+        rec.extend_from_slice(&count.to_le_bytes());
+        self.append(&rec)
+    }
+
+    /// Records the hashes now durably stored in blocks `start..start+hashes.len()`.
+    pub fn done(&mut self, start: u64, hashes: &[Hash]) -> Result<()> {
+        let mut rec = Vec::with_capacity(17 + hashes.len() * 32);
+        rec.push(DONE);
+        rec.extend_from_slice(&start.to_le_bytes());
+        rec.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+        for h in hashes {
+            rec.extend_from_slice(h);
+        }
+        self.append(&rec)
+    }
+
+    /// Records several intents with one flush: `(start, count)` each.
+    pub fn intents(&mut self, runs: &[(u64, u64)]) -> Result<()> {
+        let mut rec = Vec::with_capacity(17 * runs.len());
+        for &(start, count) in runs {
+            rec.push(INTENT);
+            rec.extend_from_slice(&start.to_le_bytes());
+            rec.extend_from_slice(&count.to_le_bytes());
+        }
+        self.append(&rec)
+    }
+
+    /// Records several finished runs with one flush: `(start, hashes)` each.
+    pub fn done_many(&mut self, runs: &[(u64, Vec<Hash>)]) -> Result<()> {
+        let mut rec = Vec::new();
+        for (start, hashes) in runs {
+            rec.push(DONE);
+            rec.extend_from_slice(&start.to_le_bytes());
+            rec.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+            for h in hashes {
+                rec.extend_from_slice(h);
+            }
+        }
+        self.append(&rec)
+    }
+
+    /// Empties the journal (after its effect was saved into the map file).
+    pub fn reset(path: &Path) -> Result<()> {
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(path)(e)),
+        }
+    }
+
+    fn append(&mut self, rec: &[u8]) -> Result<()> {
+        self.file.write_all(rec).map_err(io_err(&self.path))?;
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+
+    /// Applies the journal at `path` (if any) to `map`. A torn last record is ignored:
+    /// its intent, if written, already marked the blocks unknown.
+    pub fn replay(path: &Path, map: &mut BlockMap) -> Result<()> {
+        let b = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let mut pos = 0;
+        while pos + 17 <= b.len() {
+            let tag = b[pos];
+            let start = u64::from_le_bytes(b[pos + 1..pos + 9].try_into().unwrap()) as usize;
+            let count = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap()) as usize;
+            pos += 17;
+            if start + count > map.hashes.len() {
+                return Err(BlockError::Format(format!(
+                    "{}: journal names blocks beyond the disk",
+                    path.display()
+                )));
+            }
+            match tag {
+                INTENT => map.hashes[start..start + count].fill(UNKNOWN),
+                DONE => {
+                    if pos + count * 32 > b.len() {
+                        break; // torn record
+                    }
+                    for (k, c) in b[pos..pos + count * 32].chunks_exact(32).enumerate() {
+                        map.hashes[start + k] = c.try_into().unwrap();
+                    }
+                    pos += count * 32;
+                }
+                _ => {
+                    return Err(BlockError::Format(format!(
+                        "{}: not a ferry journal",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_marks_in_flight_blocks_unknown_and_applies_done_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = MapJournal::open(&p).unwrap();
+        j.intent(0, 2).unwrap();
+        j.done(0, &[[5; 32], [6; 32]]).unwrap();
+        j.intent(3, 1).unwrap(); // crash before done
+        drop(j);
+        let mut m = BlockMap::zeros(5 * 4096, 4096);
+        MapJournal::replay(&p, &mut m).unwrap();
+        assert_eq!(m.hashes[0], [5; 32]);
+        assert_eq!(m.hashes[1], [6; 32]);
+        assert_eq!(m.hashes[2], crate::ZERO);
+        assert_eq!(m.hashes[3], UNKNOWN);
+        // A torn trailing record is ignored.
+        let mut b = std::fs::read(&p).unwrap();
+        b.extend_from_slice(&[DONE, 4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9]);
+        std::fs::write(&p, b).unwrap();
+        MapJournal::replay(&p, &mut m).unwrap();
+        assert_eq!(m.hashes[4], crate::ZERO);
+    }
+}

@@ -1,0 +1,317 @@
+//! Durable jobs: progress counters, cancellation, bandwidth caps, and the reporter thread that
+//! persists progress and notices `ferry cancel` from other processes.
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_model::{Job, JobState};
+use ferry_vault::{Runner, Vault};
+
+/// The error a job returns when `ferry cancel` stopped it.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+/// Receives a snapshot of a running job a few times a second (for progress bars).
+pub type Observer = Arc<dyn Fn(&Job) + Send + Sync>;
+
+/// Live state shared by the workers of one job.
+pub struct JobCtx {
+    /// Worker threads for hashing and compression.
+    pub threads: usize,
+    read: AtomicU64,
+    transferred: AtomicU64,
+    written: AtomicU64,
+    step_done: AtomicU64,
+    cancel: AtomicBool,
+    bandwidth: Option<u64>,
+    throttle_start: Mutex<Option<(Instant, u64)>>,
+}
+
+impl JobCtx {
+    /// A context with `threads` workers and an optional cap on transferred bytes per second.
+    pub fn new(threads: usize, bandwidth: Option<u64>) -> Self {
+        JobCtx {
+            threads: threads.max(1),
+            read: AtomicU64::new(0),
+            transferred: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            step_done: AtomicU64::new(0),
+            cancel: AtomicBool::new(false),
+            bandwidth,
+            throttle_start: Mutex::new(None),
+        }
+    }
+
+    /// Counts bytes read from a disk.
+    pub fn add_read(&self, n: u64) {
+        self.read.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts bytes written to a disk.
+    pub fn add_written(&self, n: u64) {
+        self.written.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts progress of the current step.
+    pub fn add_step_done(&self, n: u64) {
+        self.step_done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts payload that crossed between the sites, sleeping as needed to honour the cap.
+    pub fn add_transferred(&self, n: u64) {
+        let total = self.transferred.fetch_add(n, Ordering::Relaxed) + n;
+        let Some(rate) = self.bandwidth else { return };
+        let (start, base) = {
+            let mut g = self.throttle_start.lock().unwrap();
+            *g.get_or_insert((Instant::now(), total - n))
+        };
+        loop {
+            let allowed = start.elapsed().as_secs_f64() * rate as f64;
+            let sent = (total - base) as f64;
+            if sent <= allowed + rate as f64 / 20.0 || self.is_cancelled() {
+                return;
+            }
+            let wait = ((sent - allowed) / rate as f64).min(0.1);
+            std::thread::sleep(Duration::from_secs_f64(wait.max(0.001)));
+        }
+    }
+
+    /// Asks the workers to stop.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the job should stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn take_step_done(&self) -> u64 {
+        self.step_done.swap(0, Ordering::Relaxed)
+    }
+}
+
+/// This process as a job runner.
+pub fn this_runner() -> Runner {
+    let pid = std::process::id() as i64;
+    Runner {
+        pid,
+        start: process_start(pid).unwrap_or_default(),
+    }
+}
+
+fn process_start(pid: i64) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime) counts from after the parenthesised command name.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let state = after.split_whitespace().next()?;
+    if state == "Z" || state == "X" {
+        return None; // a zombie is dead for our purposes
+    }
+    after.split_whitespace().nth(19).map(|s| s.to_string())
+}
+
+/// True when the recorded runner process is still alive.
+pub fn runner_alive(r: &Runner) -> bool {
+    process_start(r.pid).is_some_and(|s| s == r.start)
+}
+
+/// A job being worked on by this process.
+pub struct JobRun {
+    shared: Arc<Mutex<Job>>,
+    /// Workers' live counters.
+    pub ctx: Arc<JobCtx>,
+    base: (u64, u64, u64),
+    current_step: Arc<Mutex<Option<usize>>>,
+    stop: Arc<AtomicBool>,
+    reporter: Option<std::thread::JoinHandle<()>>,
+    home: PathBuf,
+}
+
+impl JobRun {
+    /// Starts tracking `job` (already created or claimed in the vault) from this process.
+    pub fn start(home: PathBuf, job: Job, ctx: JobCtx, observer: Option<Observer>) -> Self {
+        let base = (job.bytes_read, job.bytes_transferred, job.bytes_written);
+        let shared = Arc::new(Mutex::new(job));
+        let ctx = Arc::new(ctx);
+        let stop = Arc::new(AtomicBool::new(false));
+        let current_step = Arc::new(Mutex::new(None));
+        let mut run = JobRun {
+            shared,
+            ctx,
+            base,
+            current_step,
+            stop,
+            reporter: None,
+            home,
+        };
+        let (shared, ctx, stop, home, cur) = (
+            run.shared.clone(),
+            run.ctx.clone(),
+            run.stop.clone(),
+            run.home.clone(),
+            run.current_step.clone(),
+        );
+        run.reporter = Some(std::thread::spawn(move || {
+            let vault = Vault::open(&home).ok();
+            let mut last_save = Instant::now();
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                let snap = snapshot(&shared, &ctx, base, &cur);
+                if let Some(o) = &observer {
+                    o(&snap);
+                }
+                if last_save.elapsed() >= Duration::from_millis(300) {
+                    last_save = Instant::now();
+                    if let Some(v) = &vault {
+                        let _ = v.save_progress(&snap);
+                        if v.cancel_requested(snap.id).unwrap_or(false) {
+                            ctx.cancel();
+                        }
+                    }
+                }
+            }
+        }));
+        run
+    }
+
+    /// Job id.
+    pub fn id(&self) -> i64 {
+        self.shared.lock().unwrap().id
+    }
+
+    /// The job as it stands now.
+    pub fn snapshot(&self) -> Job {
+        snapshot(&self.shared, &self.ctx, self.base, &self.current_step)
+    }
+
+    /// Index of the step named `name`, adding it (queued) at the end if new.
+    pub fn step_index(&self, name: &str) -> usize {
+        let mut j = self.shared.lock().unwrap();
+        if let Some(i) = j.steps.iter().position(|s| s.name == name) {
+            return i;
+        }
+        j.steps.push(ferry_model::Step {
+            name: name.into(),
+            state: JobState::Queued,
+            bytes_done: 0,
+            bytes_total: 0,
+        });
+        j.steps.len() - 1
+    }
+
+    /// Marks step `name` running with `total` bytes to process.
+    pub fn begin_step(&self, name: &str, total: u64) {
+        let i = self.step_index(name);
+        self.fold_step();
+        self.ctx.take_step_done();
+        let mut j = self.shared.lock().unwrap();
+        j.steps[i].state = JobState::Running;
+        j.steps[i].bytes_total = total;
+        j.steps[i].bytes_done = 0;
+        *self.current_step.lock().unwrap() = Some(i);
+    }
+
+    /// Marks the running step succeeded.
+    pub fn end_step(&self) {
+        self.fold_step();
+        let mut j = self.shared.lock().unwrap();
+        if let Some(i) = self.current_step.lock().unwrap().take() {
+            j.steps[i].state = JobState::Succeeded;
+            j.steps[i].bytes_done = j.steps[i].bytes_done.max(j.steps[i].bytes_total);
+        }
+    }
+
+    fn fold_step(&self) {
+        let done = self.ctx.take_step_done();
+        let cur = *self.current_step.lock().unwrap();
+        if let Some(i) = cur {
+            self.shared.lock().unwrap().steps[i].bytes_done += done;
+        }
+    }
+
+    /// Records the workload's downtime.
+    pub fn set_downtime(&self, d: Duration) {
+        self.shared.lock().unwrap().downtime_ms = Some(d.as_millis() as u64);
+    }
+
+    /// Stops the reporter, marks the running step with `state`, and persists the job in `state`.
+    pub fn close(
+        mut self,
+        vault: &Vault,
+        state: JobState,
+        error: Option<&str>,
+    ) -> anyhow::Result<Job> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.reporter.take() {
+            let _ = h.join();
+        }
+        self.fold_step();
+        {
+            let mut j = self.shared.lock().unwrap();
+            if let Some(i) = self.current_step.lock().unwrap().take() {
+                j.steps[i].state = if state == JobState::Waiting {
+                    JobState::Succeeded
+                } else {
+                    state
+                };
+            }
+        }
+        let snap = self.snapshot();
+        vault.save_progress(&snap)?;
+        vault.set_job_state(snap.id, state, error)?;
+        Ok(vault.job(snap.id)?.unwrap_or(snap))
+    }
+}
+
+impl Drop for JobRun {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.reporter.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn snapshot(
+    shared: &Mutex<Job>,
+    ctx: &JobCtx,
+    base: (u64, u64, u64),
+    cur: &Mutex<Option<usize>>,
+) -> Job {
+    let mut j = shared.lock().unwrap().clone();
+    j.bytes_read = base.0 + ctx.read.load(Ordering::Relaxed);
+    j.bytes_transferred = base.1 + ctx.transferred.load(Ordering::Relaxed);
+    j.bytes_written = base.2 + ctx.written.load(Ordering::Relaxed);
+    if let Some(i) = *cur.lock().unwrap() {
+        j.steps[i].bytes_done += ctx.step_done.load(Ordering::Relaxed);
+    }
+    j
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_a_fake_one_is_not() {
+        let me = this_runner();
+        assert!(runner_alive(&me));
+        let mut other = me.clone();
+        other.start.push('9');
+        assert!(!runner_alive(&other));
+    }
+
+    #[test]
+    fn bandwidth_cap_slows_transfers() {
+        let ctx = JobCtx::new(1, Some(10 << 20));
+        let t = Instant::now();
+        for _ in 0..30 {
+            ctx.add_transferred(256 << 10); // 7.5 MiB at 10 MiB/s
+        }
+        let e = t.elapsed().as_secs_f64();
+        assert!(e > 0.6, "capped transfer took only {e}s");
+    }
+}

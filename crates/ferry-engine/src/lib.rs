@@ -1,0 +1,373 @@
+//! ferry's workflows — protect, replicate, failover, commit, failback (two-phase delta or full),
+//! complete, cancel, reverse replication — as durable jobs over the vault, the store and the
+//! hypervisor drivers.
+//!
+//! Error policy: every refusal happens before anything changes and its message names the
+//! object, its state and the command to run next.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_blocks::{BlockMap, DiskStamp, MapJournal};
+use ferry_hypervisor::{Hypervisor, VmInfo};
+use ferry_model::{Host, ItemState, Job, ProtectedItem, Site, SiteRole};
+use ferry_store::Store;
+use ferry_vault::Vault;
+use serde::{Deserialize, Serialize};
+
+pub mod jobs;
+pub mod pipeline;
+mod workflows;
+
+pub use jobs::{Cancelled, JobCtx, Observer};
+pub use workflows::{DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts, VerifyReport};
+
+/// Which copy of a protected VM a map or stamp describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copy {
+    /// The copy at the primary site.
+    Primary,
+    /// The copy at the recovery site.
+    Recovery,
+}
+
+impl Copy {
+    fn dir(&self) -> &'static str {
+        match self {
+            Copy::Primary => "primary",
+            Copy::Recovery => "recovery",
+        }
+    }
+}
+
+/// What ferry knows about one copy's disks: where they are and how they looked when their map
+/// files were last known to be exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyState {
+    /// Host of the copy.
+    pub host: String,
+    /// Per disk, the stamp taken when its map was last exact.
+    pub stamps: Vec<Option<DiskStamp>>,
+}
+
+/// The engine's private state of a protected item (kept as JSON in the vault).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ItemExtra {
+    /// Primary copy's map state.
+    pub primary: Option<CopyState>,
+    /// Recovery copy's map state.
+    pub recovery: Option<CopyState>,
+    /// Host where a failover started creating the recovery VM (cleaned up on re-run).
+    pub failover_partial: Option<String>,
+}
+
+/// Status of a VM as `ferry status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// VM name.
+    pub vm: String,
+    /// Lifecycle state.
+    pub state: ItemState,
+    /// `primary` or `recovery`.
+    pub active_site: String,
+    /// The job running, waiting or last interrupted for this VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
+}
+
+/// One ferry installation opened by this process.
+pub struct Engine {
+    /// The ferry home folder.
+    pub home: PathBuf,
+    /// The vault connection.
+    pub vault: Vault,
+    observer: Option<Observer>,
+}
+
+impl Engine {
+    /// Creates (idempotently) an installation at `home`.
+    pub fn init(home: &Path) -> Result<Engine> {
+        let vault = Vault::create(home)?;
+        for d in ["stores", "hosts", "maps"] {
+            std::fs::create_dir_all(home.join(d))
+                .with_context(|| format!("creating {}", home.join(d).display()))?;
+        }
+        Ok(Engine {
+            home: home.to_path_buf(),
+            vault,
+            observer: None,
+        })
+    }
+
+    /// Opens an installation and settles jobs whose process died.
+    pub fn open(home: &Path) -> Result<Engine> {
+        let vault = Vault::open(home)?;
+        let e = Engine {
+            home: home.to_path_buf(),
+            vault,
+            observer: None,
+        };
+        e.reconcile()?;
+        Ok(e)
+    }
+
+    /// Receives job snapshots while jobs run (for progress bars).
+    pub fn set_observer(&mut self, o: Observer) {
+        self.observer = Some(o);
+    }
+
+    // ---- inventory ----
+
+    /// Adds a site; the store defaults to a folder under the home.
+    pub fn add_site(&self, name: &str, role: SiteRole, store: Option<String>) -> Result<Site> {
+        ferry_model::validate_name("site", name)?;
+        let store = match store {
+            Some(s) => s,
+            None => format!(
+                "file://{}",
+                self.abs(&self.home.join("stores").join(name)).display()
+            ),
+        };
+        if role == SiteRole::Recovery {
+            Store::open(&store).with_context(|| format!("site {name}: cannot open its store"))?;
+        }
+        let site = Site {
+            name: name.into(),
+            role,
+            store,
+        };
+        self.vault.add_site(&site)?;
+        Ok(site)
+    }
+
+    fn abs(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|c| c.join(p))
+                .unwrap_or_else(|_| p.to_path_buf())
+        }
+    }
+
+    /// Adds a host to a site; its root defaults to a folder under the home.
+    pub fn add_host(
+        &self,
+        name: &str,
+        site: &str,
+        driver: ferry_model::DriverKind,
+        root: Option<PathBuf>,
+        switches: Vec<String>,
+    ) -> Result<Host> {
+        ferry_model::validate_name("host", name)?;
+        for s in &switches {
+            ferry_model::validate_name("switch", s)?;
+        }
+        self.site(site)?;
+        if self.vault.host(name)?.is_some() {
+            bail!("host {name} already exists; see it with `ferry host show {name}`");
+        }
+        let root = self.abs(&root.unwrap_or_else(|| self.home.join("hosts").join(name)));
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create host root {}", root.display()))?;
+        let mut sw = switches;
+        sw.dedup();
+        let host = Host {
+            name: name.into(),
+            site: site.into(),
+            driver,
+            root,
+            switches: sw,
+        };
+        ferry_hypervisor::connect(&host)?;
+        self.vault.add_host(&host)?;
+        Ok(host)
+    }
+
+    /// A site by name.
+    pub fn site(&self, name: &str) -> Result<Site> {
+        self.vault.site(name)?.ok_or_else(|| {
+            anyhow!(
+                "no site named {name}; add it with `ferry site add {name} --role primary|recovery`"
+            )
+        })
+    }
+
+    /// A host by name.
+    pub fn host(&self, name: &str) -> Result<Host> {
+        self.vault
+            .host(name)?
+            .ok_or_else(|| anyhow!("no host named {name}; add it with `ferry host add {name} --site SITE --driver dir`"))
+    }
+
+    /// The driver of a host.
+    pub fn driver(&self, host: &Host) -> Result<Box<dyn Hypervisor>> {
+        Ok(ferry_hypervisor::connect(host)?)
+    }
+
+    /// The store of a site.
+    pub fn store(&self, site: &str) -> Result<Arc<Store>> {
+        let s = self.site(site)?;
+        Ok(Arc::new(Store::open(&s.store).with_context(|| {
+            format!("site {site}: store unreachable")
+        })?))
+    }
+
+    /// The protected item of a VM, or an error saying how to protect it.
+    pub fn item(&self, vm: &str) -> Result<ProtectedItem> {
+        ferry_model::validate_name("VM", vm)?;
+        self.vault.item(vm)?.ok_or_else(|| {
+            anyhow!("VM {vm} is not protected; protect it with `ferry protect {vm} --to SITE`")
+        })
+    }
+
+    /// Every copy of a VM on any connected host.
+    pub fn copies(&self, vm: &str) -> Result<Vec<(Host, VmInfo)>> {
+        let mut out = Vec::new();
+        for h in self.vault.hosts()? {
+            let d = self.driver(&h)?;
+            if d.check_connected().is_err() {
+                continue;
+            }
+            if let Some(info) = d.get_vm(vm)? {
+                out.push((h, info));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The copy of `vm` that `vm …` commands address: on `host` if given, else the active copy.
+    pub fn locate_vm(&self, vm: &str, host: Option<&str>) -> Result<(Host, VmInfo)> {
+        ferry_model::validate_name("VM", vm)?;
+        if let Some(h) = host {
+            let host = self.host(h)?;
+            let d = self.driver(&host)?;
+            d.check_connected()?;
+            let info = d.get_vm(vm)?.ok_or_else(|| {
+                anyhow!("VM {vm} does not exist on host {h}; see `ferry vm list`")
+            })?;
+            return Ok((host, info));
+        }
+        if let Some(item) = self.vault.item(vm)? {
+            let h = match (item.state.active_side(), &item.recovery_host) {
+                (ferry_model::Side::Recovery, Some(r)) => r.clone(),
+                _ => item.primary_host.clone(),
+            };
+            return self.locate_vm(vm, Some(&h));
+        }
+        let copies = self.copies(vm)?;
+        match copies.len() {
+            0 => bail!("VM {vm} does not exist on any host; create it with `ferry vm create {vm} --host HOST --disk SIZE`"),
+            1 => Ok(copies.into_iter().next().unwrap()),
+            _ => bail!(
+                "VM {vm} exists on several hosts ({}); pick one with --host",
+                copies.iter().map(|c| c.0.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+
+    // ---- engine state of items ----
+
+    fn extra(&self, vm: &str) -> Result<ItemExtra> {
+        Ok(serde_json::from_value(self.vault.item_extra(vm)?).unwrap_or_default())
+    }
+
+    fn set_extra(&self, vm: &str, e: &ItemExtra) -> Result<()> {
+        self.vault.set_item_extra(vm, &serde_json::to_value(e)?)?;
+        Ok(())
+    }
+
+    fn map_dir(&self, vm: &str, copy: Copy) -> PathBuf {
+        self.home.join("maps").join(vm).join(copy.dir())
+    }
+
+    fn map_path(&self, vm: &str, copy: Copy, disk: u32) -> PathBuf {
+        self.map_dir(vm, copy).join(format!("disk{disk}.map"))
+    }
+
+    fn journal_path(&self, vm: &str, copy: Copy, disk: u32) -> PathBuf {
+        self.map_dir(vm, copy).join(format!("disk{disk}.journal"))
+    }
+
+    /// The map file of a copy's disk with its journal applied, if one exists.
+    fn load_map(&self, vm: &str, copy: Copy, disk: u32) -> Result<Option<BlockMap>> {
+        let p = self.map_path(vm, copy, disk);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let mut m = BlockMap::load(&p)?;
+        MapJournal::replay(&self.journal_path(vm, copy, disk), &mut m)?;
+        Ok(Some(m))
+    }
+
+    /// Saves a copy's disk map and empties its journal.
+    fn save_map(&self, vm: &str, copy: Copy, disk: u32, m: &BlockMap) -> Result<()> {
+        std::fs::create_dir_all(self.map_dir(vm, copy))?;
+        m.save(&self.map_path(vm, copy, disk))?;
+        MapJournal::reset(&self.journal_path(vm, copy, disk))?;
+        Ok(())
+    }
+
+    fn drop_maps(&self, vm: &str, copy: Copy) -> Result<()> {
+        let d = self.map_dir(vm, copy);
+        if d.exists() {
+            std::fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display()))?;
+        }
+        Ok(())
+    }
+
+    // ---- status ----
+
+    /// State, active site and current job of a protected VM.
+    pub fn status(&self, vm: &str) -> Result<Status> {
+        let item = self.item(vm)?;
+        let job = match item.job {
+            Some(id) => self.vault.job(id)?,
+            None => None,
+        };
+        Ok(Status {
+            vm: item.vm,
+            state: item.state,
+            active_site: item.state.active_side().as_str().into(),
+            job,
+        })
+    }
+
+    /// Settles jobs whose process died: the job fails and its item becomes recoverable.
+    fn reconcile(&self) -> Result<()> {
+        for job in self.vault.jobs(false)? {
+            if job.state != ferry_model::JobState::Running {
+                continue;
+            }
+            let alive = self
+                .vault
+                .job_runner(job.id)?
+                .is_some_and(|r| jobs::runner_alive(&r));
+            if alive {
+                continue;
+            }
+            self.vault.atomically(|v| {
+                // Re-check inside the transaction: another process may have settled it.
+                if v.job(job.id)?.map(|j| j.state) != Some(ferry_model::JobState::Running) {
+                    return Ok(());
+                }
+                let msg = format!(
+                    "interrupted: the ferry process running this job stopped unexpectedly; run `ferry {} {}` to resume",
+                    workflows::resume_command(job.kind),
+                    job.vm
+                );
+                v.set_job_state(job.id, ferry_model::JobState::Failed, Some(&msg))?;
+                if let Some(mut item) = v.item(&job.vm)? {
+                    if item.job == Some(job.id) {
+                        let cmd = workflows::command_of(job.kind, item.state, &v.job_params(job.id)?);
+                        item.state = ferry_model::finish(item.state, cmd, ferry_model::Outcome::Abandoned);
+                        v.update_item(&item)?;
+                    }
+                }
+                v.event(Some(&job.vm), Some(job.id), &msg)?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,459 @@
+//! The parallel block pipeline: one reader, N hash/compress workers and an in-order consumer.
+//!
+//! Memory is bounded by the number of chunks in flight (a token is taken per chunk read and
+//! given back once the consumer is done with it), never by the disk size.
+use std::ops::Range;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use ferry_blocks::{hash_block, BlockDevice, BlockMap, Hash, MapJournal, ZERO};
+use ferry_store::{encode, Codec, PackWriter, Store};
+
+use crate::jobs::{Cancelled, JobCtx};
+
+/// Blocks per chunk read by the reader.
+const CHUNK_BLOCKS: u64 = 16;
+/// Bytes of pending target writes collected before one durable commit.
+const WRITE_BATCH: usize = 32 << 20;
+
+/// A block the pipeline decided to move.
+struct Moved {
+    index: u64,
+    hash: Hash,
+    /// Compressed frame when the block is new to the store.
+    frame: Option<(Vec<u8>, Codec)>,
+    /// Length of the frame as it crosses the wire (stored frame length when already stored).
+    wire_len: u64,
+}
+
+struct ChunkIn {
+    seq: u64,
+    first: u64,
+    n: u64,
+    data: Vec<u8>,
+    /// False when the chunk lies in a hole (data is empty; every block is zero).
+    read: bool,
+}
+
+struct ChunkOut {
+    seq: u64,
+    first: u64,
+    hashes: Vec<Hash>,
+    moved: Vec<Moved>,
+    data: Vec<u8>,
+}
+
+/// What a pass over a source disk does with blocks that differ from `target`.
+pub struct PassSpec<'a> {
+    /// Source disk.
+    pub src: &'a dyn BlockDevice,
+    /// Block size.
+    pub block_size: u64,
+    /// Known content of the destination (a point's map or the target disk's map); blocks whose
+    /// hash equals it are skipped. `UNKNOWN` entries always move.
+    pub target: Arc<BlockMap>,
+    /// Store that receives blocks new to it (None: hash only).
+    pub store: Option<Arc<Store>>,
+    /// Disk to write moved blocks to, with its journal.
+    pub write: Option<(&'a dyn BlockDevice, &'a mut MapJournal)>,
+    /// Count moved payload as crossing sites (`bytes_transferred`).
+    pub crosses_sites: bool,
+    /// Only visit these block ranges (None: the whole disk).
+    pub only: Option<Vec<Range<u64>>>,
+}
+
+/// Outcome of a pass.
+#[derive(Debug, Clone)]
+pub struct PassResult {
+    /// Hash of every source block (unvisited blocks keep the target's hash).
+    pub map: BlockMap,
+    /// Number of blocks that differed.
+    pub blocks_moved: u64,
+    /// Bytes of blocks that differed.
+    pub bytes_moved: u64,
+}
+
+/// Runs one pass: reads the source, hashes every block, and moves the differing ones into the
+/// store and/or onto the target disk.
+pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
+    let bs = spec.block_size;
+    let size = spec.src.size();
+    let nblocks = ferry_blocks::block_count(size, bs);
+    anyhow::ensure!(
+        spec.target.len() as u64 == nblocks,
+        "internal: target map has {} blocks, source {}",
+        spec.target.len(),
+        nblocks
+    );
+    let data_ranges = spec.src.data_ranges().context("listing allocated ranges")?;
+    let visit: Vec<Range<u64>> = spec.only.clone().unwrap_or_else(|| vec![0..nblocks]);
+    let mut chunks: Vec<(u64, u64)> = Vec::new();
+    for r in &visit {
+        let mut b = r.start;
+        while b < r.end {
+            let n = (r.end - b).min(CHUNK_BLOCKS - b % CHUNK_BLOCKS);
+            chunks.push((b, n));
+            b += n;
+        }
+    }
+    let threads = ctx.threads.max(1);
+    let inflight = threads * 4 + 4;
+    let (tok_tx, tok_rx) = bounded::<()>(inflight);
+    for _ in 0..inflight {
+        tok_tx.send(()).unwrap();
+    }
+    let (work_tx, work_rx) = bounded::<ChunkIn>(inflight);
+    let (out_tx, out_rx) = bounded::<Result<ChunkOut>>(inflight);
+    let mut map = (*spec.target).clone();
+    let mut result = PassResult {
+        map: BlockMap::zeros(0, bs),
+        blocks_moved: 0,
+        bytes_moved: 0,
+    };
+    let src = spec.src;
+    let target = spec.target.clone();
+    let store = spec.store.clone();
+    let writes = spec.write.is_some();
+    let mut write = spec.write;
+    let crosses = spec.crosses_sites;
+
+    std::thread::scope(|s| -> Result<()> {
+        // Reader.
+        let out_err = out_tx.clone();
+        let chunks_ref = &chunks;
+        let ranges_ref = &data_ranges;
+        s.spawn(move || {
+            for (seq, &(first, n)) in chunks_ref.iter().enumerate() {
+                if tok_rx.recv().is_err() || ctx.is_cancelled() {
+                    break;
+                }
+                let start = first * bs;
+                let end = ((first + n) * bs).min(size);
+                let in_data = ranges_ref.iter().any(|&(a, b)| a < end && b > start);
+                let mut data = Vec::new();
+                if in_data {
+                    data = vec![0u8; (end - start) as usize];
+                    if let Err(e) = src.read_at(start, &mut data) {
+                        let _ = out_err.send(Err(e.into()));
+                        break;
+                    }
+                    ctx.add_read(end - start);
+                }
+                ctx.add_step_done(end - start);
+                if work_tx
+                    .send(ChunkIn {
+                        seq: seq as u64,
+                        first,
+                        n,
+                        data,
+                        read: in_data,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        // Workers.
+        for _ in 0..threads {
+            let work_rx: Receiver<ChunkIn> = work_rx.clone();
+            let out_tx: Sender<Result<ChunkOut>> = out_tx.clone();
+            let target = target.clone();
+            let store = store.clone();
+            s.spawn(move || {
+                let mut comp = zstd::bulk::Compressor::new(1).expect("zstd");
+                for c in work_rx.iter() {
+                    let out = hash_chunk(&c, bs, &target, store.as_deref(), writes, &mut comp);
+                    if out_tx.send(Ok(out)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(work_rx);
+        drop(out_tx);
+
+        // Consumer (this thread), in chunk order.
+        let mut next = 0u64;
+        let mut held = std::collections::BTreeMap::new();
+        let mut packs = store
+            .as_ref()
+            .map(|st| PackWriter::new(st.clone(), 32 << 20));
+        let mut batch: Vec<(u64, Hash, Vec<u8>)> = Vec::new();
+        let mut batch_bytes = 0usize;
+        let mut failure: Option<anyhow::Error> = None;
+        for r in out_rx.iter() {
+            let c = match r {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            };
+            held.insert(c.seq, c);
+            while let Some(c) = held.remove(&next) {
+                next += 1;
+                let step = (|| -> Result<()> {
+                    for (k, h) in c.hashes.iter().enumerate() {
+                        map.hashes[(c.first + k as u64) as usize] = *h;
+                    }
+                    for m in &c.moved {
+                        result.blocks_moved += 1;
+                        let r = map.block_range(m.index);
+                        let len = r.end - r.start;
+                        result.bytes_moved += len;
+                        if let (Some(p), Some((frame, codec))) = (packs.as_mut(), &m.frame) {
+                            p.add(m.hash, frame, *codec, len as u32)?;
+                        }
+                        if crosses && m.hash != ZERO {
+                            ctx.add_transferred(m.wire_len);
+                        }
+                        if write.is_some() {
+                            let off = ((m.index - c.first) * bs) as usize;
+                            let bytes = if c.data.is_empty() {
+                                Vec::new()
+                            } else {
+                                c.data[off..off + len as usize].to_vec()
+                            };
+                            batch_bytes += bytes.len().max(1);
+                            batch.push((m.index, m.hash, bytes));
+                        }
+                    }
+                    if let Some((dev, journal)) = write.as_mut() {
+                        if batch_bytes >= WRITE_BATCH {
+                            commit_batch(ctx, *dev, journal, &map, &mut batch)?;
+                            batch_bytes = 0;
+                        }
+                    }
+                    Ok(())
+                })();
+                tok_tx.send(()).ok();
+                if let Err(e) = step {
+                    failure = Some(e);
+                    break;
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        drop(out_rx);
+        drop(tok_tx);
+        // Whatever was processed is made durable, even when stopping early.
+        if let Some((dev, journal)) = write.as_mut() {
+            let r = commit_batch(ctx, *dev, journal, &map, &mut batch);
+            if failure.is_none() {
+                r?;
+            }
+        }
+        if let Some(p) = packs.take() {
+            let r = p.finish();
+            if failure.is_none() {
+                r?;
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if (next as usize) < chunks.len() {
+            if ctx.is_cancelled() {
+                return Err(Cancelled.into());
+            }
+            return Err(anyhow!("internal: pipeline stopped early"));
+        }
+        Ok(())
+    })?;
+    result.map = map;
+    Ok(result)
+}
+
+fn hash_chunk(
+    c: &ChunkIn,
+    bs: u64,
+    target: &BlockMap,
+    store: Option<&Store>,
+    keep_data: bool,
+    comp: &mut zstd::bulk::Compressor<'_>,
+) -> ChunkOut {
+    let nblocks = c.n;
+    let mut hashes = Vec::with_capacity(nblocks as usize);
+    let mut moved = Vec::new();
+    for k in 0..nblocks {
+        let idx = c.first + k;
+        let h = if c.read {
+            let s = (k * bs) as usize;
+            let e = (s + bs as usize).min(c.data.len());
+            hash_block(&c.data[s..e])
+        } else {
+            ZERO
+        };
+        hashes.push(h);
+        let known = target.hashes[idx as usize];
+        if h == known && known != ferry_blocks::UNKNOWN {
+            continue;
+        }
+        let (frame, wire_len) = if h == ZERO {
+            (None, 0)
+        } else if let Some(loc) = store.and_then(|s| s.locate(&h)) {
+            (None, loc.len as u64)
+        } else {
+            let s = (k * bs) as usize;
+            let e = (s + bs as usize).min(c.data.len());
+            let (f, codec) = encode(comp, &c.data[s..e]);
+            let l = f.len() as u64;
+            (Some((f, codec)), l)
+        };
+        moved.push(Moved {
+            index: idx,
+            hash: h,
+            frame,
+            wire_len,
+        });
+    }
+    ChunkOut {
+        seq: c.seq,
+        first: c.first,
+        hashes,
+        moved,
+        data: if keep_data {
+            c.data.clone()
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Makes a batch of block writes durable: intent in the journal, data, flush, then done.
+fn commit_batch(
+    ctx: &JobCtx,
+    dev: &dyn BlockDevice,
+    journal: &mut MapJournal,
+    map: &BlockMap,
+    batch: &mut Vec<(u64, Hash, Vec<u8>)>,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let runs = runs_of(batch);
+    journal.intents(
+        &runs
+            .iter()
+            .map(|r| (r.0, r.1.len() as u64))
+            .collect::<Vec<_>>(),
+    )?;
+    for (start, items) in &runs {
+        // Coalesce a run of data blocks into one write; holes become zeroes.
+        let mut buf: Vec<u8> = Vec::new();
+        let mut buf_start = *start;
+        for (k, (idx, h, bytes)) in items.iter().enumerate() {
+            let r = map.block_range(*idx);
+            if *h == ZERO {
+                if !buf.is_empty() {
+                    dev.write_at(buf_start * map.block_size, &buf)?;
+                    ctx.add_written(buf.len() as u64);
+                    buf.clear();
+                }
+                dev.write_zeroes(r.start, r.end - r.start)?;
+                ctx.add_written(r.end - r.start);
+                buf_start = start + k as u64 + 1;
+            } else {
+                if buf.is_empty() {
+                    buf_start = *idx;
+                }
+                buf.extend_from_slice(bytes);
+            }
+        }
+        if !buf.is_empty() {
+            dev.write_at(buf_start * map.block_size, &buf)?;
+            ctx.add_written(buf.len() as u64);
+        }
+    }
+    dev.flush()?;
+    let done: Vec<(u64, Vec<Hash>)> = runs
+        .iter()
+        .map(|(s, items)| (*s, items.iter().map(|i| i.1).collect()))
+        .collect();
+    journal.done_many(&done)?;
+    batch.clear();
+    Ok(())
+}
+
+type Run<'a> = (u64, Vec<&'a (u64, Hash, Vec<u8>)>);
+
+fn runs_of(batch: &[(u64, Hash, Vec<u8>)]) -> Vec<Run<'_>> {
+    let mut runs: Vec<Run<'_>> = Vec::new();
+    for item in batch {
+        match runs.last_mut() {
+            Some((s, v)) if *s + v.len() as u64 == item.0 => v.push(item),
+            _ => runs.push((item.0, vec![item])),
+        }
+    }
+    runs
+}
+
+/// Writes the blocks of `map` from the store onto `dev` (a freshly created, zeroed disk),
+/// verifying each block against its hash.
+pub fn restore(
+    ctx: &JobCtx,
+    store: &Arc<Store>,
+    map: &BlockMap,
+    dev: &dyn BlockDevice,
+) -> Result<()> {
+    let wanted: Vec<u64> = (0..map.len() as u64)
+        .filter(|&i| map.hashes[i as usize] != ZERO)
+        .collect();
+    let threads = ctx.threads.max(1);
+    let (job_tx, job_rx) = bounded::<Vec<u64>>(threads * 2);
+    let (out_tx, out_rx) = bounded::<Result<Vec<(u64, Vec<u8>)>>>(threads * 2);
+    std::thread::scope(|s| -> Result<()> {
+        let wanted_ref = &wanted;
+        s.spawn(move || {
+            for group in wanted_ref.chunks(CHUNK_BLOCKS as usize) {
+                if ctx.is_cancelled() || job_tx.send(group.to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        for _ in 0..threads {
+            let job_rx = job_rx.clone();
+            let out_tx = out_tx.clone();
+            let store = store.clone();
+            s.spawn(move || {
+                for group in job_rx.iter() {
+                    let r: Result<Vec<_>> = group
+                        .iter()
+                        .map(|&i| {
+                            let h = map.hashes[i as usize];
+                            let data = store.read_block(&h)?;
+                            Ok((i, data))
+                        })
+                        .collect();
+                    if out_tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(job_rx);
+        drop(out_tx);
+        let mut done = 0usize;
+        for r in out_rx.iter() {
+            for (i, data) in r? {
+                let off = map.block_range(i).start;
+                dev.write_at(off, &data)?;
+                ctx.add_written(data.len() as u64);
+                ctx.add_step_done(data.len() as u64);
+                done += 1;
+            }
+        }
+        if done < wanted.len() {
+            if ctx.is_cancelled() {
+                return Err(Cancelled.into());
+            }
+            return Err(anyhow!("internal: restore stopped early"));
+        }
+        dev.flush()?;
+        Ok(())
+    })
+}

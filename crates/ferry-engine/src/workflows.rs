@@ -1,0 +1,1634 @@
+//! The commands that run jobs.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_blocks::{BlockMap, DiskStamp, Manifest, MapJournal, ZERO};
+use ferry_hypervisor::{Hypervisor, Power, VmInfo, VmSpec, SUPPORTED_FORMATS};
+use ferry_model::{
+    begin, finish, Command, Host, ItemState, Job, JobKind, JobState, Outcome, PointKind,
+    ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
+};
+use ferry_store::{encode, PackWriter, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::jobs::{this_runner, Cancelled, JobCtx, JobRun};
+use crate::pipeline::{pass, restore, PassSpec};
+use crate::{Copy, CopyState, Engine, ItemExtra};
+
+/// Resources a data-moving command may use.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOpts {
+    /// Hash/compress worker threads.
+    pub threads: usize,
+    /// Cap on bytes transferred between sites per second.
+    pub bandwidth: Option<u64>,
+}
+
+impl Default for RunOpts {
+    fn default() -> Self {
+        RunOpts {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            bandwidth: None,
+        }
+    }
+}
+
+/// How a failover treats the primary copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverMode {
+    /// Stop the primary, replicate the last changes, then recover: no data loss.
+    Planned,
+    /// Recover from an existing point without touching the primary.
+    Unplanned,
+}
+
+/// Options of `ferry failback`.
+#[derive(Debug, Clone, Default)]
+pub struct FailbackOpts {
+    /// Delta or full (default: delta, or the interrupted job's mode).
+    pub sync: Option<SyncMode>,
+    /// Alternate primary host.
+    pub host: Option<String>,
+    /// Create the VM on the target host if missing.
+    pub create_vm: bool,
+    /// Run phase 2 right after phase 1.
+    pub auto_complete: bool,
+    /// Report what would move and change nothing.
+    pub dry_run: bool,
+    /// Re-read the primary disks after the sync and compare every block hash.
+    pub verify: bool,
+    /// Threads and bandwidth.
+    pub run: Option<RunOpts>,
+}
+
+/// Per-disk prediction of a dry run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunDisk {
+    /// Disk index.
+    pub index: u32,
+    /// Blocks on the disk.
+    pub blocks: u64,
+    /// Blocks that differ and would move.
+    pub blocks_to_move: u64,
+    /// Bytes those blocks hold.
+    pub bytes_to_move: u64,
+}
+
+/// What a failback would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRun {
+    /// VM name.
+    pub vm: String,
+    /// Sync mode evaluated.
+    pub sync: SyncMode,
+    /// Target host.
+    pub host: String,
+    /// Per-disk figures.
+    pub disks: Vec<DryRunDisk>,
+    /// Total blocks that would move.
+    pub blocks_to_move: u64,
+    /// Total bytes that would move.
+    pub bytes_to_move: u64,
+    /// Bytes ferry had to read to find out.
+    pub bytes_read: u64,
+    /// Recommended sync mode.
+    pub recommended_sync: SyncMode,
+    /// Why.
+    pub reason: String,
+}
+
+/// Result of `ferry verify`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// VM name.
+    pub vm: String,
+    /// Point checked.
+    pub point: i64,
+    /// Data blocks read back and checked.
+    pub blocks: u64,
+    /// Bytes of those blocks.
+    pub bytes: u64,
+    /// True when every block matched its hash.
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct FailbackParams {
+    sync: Option<SyncMode>,
+    host: String,
+    create_vm: bool,
+    /// 1 while pre-syncing, 2 once the recovery VM was stopped for the final sync.
+    phase: u8,
+    rounds: u32,
+    /// Recovery-disk stamps taken when the last completed phase-1 round started.
+    phase1_stamps: Vec<Option<DiskStamp>>,
+    /// True once a full download reset the primary maps to unknown.
+    full_reset: bool,
+}
+
+/// The command that resumes a job of this kind.
+pub(crate) fn resume_command(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Protect => "protect",
+        JobKind::Replicate => "replicate",
+        JobKind::Failover => "failover",
+        JobKind::Failback => "failback",
+        JobKind::Commit => "commit",
+        JobKind::ReverseReplicate => "reverse-replicate",
+    }
+}
+
+/// The lifecycle command a job of `kind` runs when the item is in `state`.
+pub(crate) fn command_of(kind: JobKind, state: ItemState, params: &serde_json::Value) -> Command {
+    match kind {
+        JobKind::Protect => Command::Protect,
+        JobKind::Replicate => Command::Replicate,
+        JobKind::Failover => Command::Failover,
+        JobKind::Commit => Command::Commit,
+        JobKind::ReverseReplicate => Command::ReverseReplicate,
+        JobKind::Failback => {
+            let sync = params
+                .get("sync")
+                .and_then(|s| serde_json::from_value(s.clone()).ok())
+                .unwrap_or(SyncMode::Delta);
+            if state == ItemState::FailbackCompleting && sync == SyncMode::Delta {
+                Command::Complete
+            } else {
+                Command::Failback(sync)
+            }
+        }
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
+fn steps(names: &[&str]) -> Vec<Step> {
+    names
+        .iter()
+        .map(|n| Step {
+            name: n.to_string(),
+            state: JobState::Queued,
+            bytes_done: 0,
+            bytes_total: 0,
+        })
+        .collect()
+}
+
+fn check_formats(vm: &VmInfo) -> Result<()> {
+    for d in &vm.disks {
+        if !SUPPORTED_FORMATS.contains(&d.format.as_str()) {
+            bail!(
+                "disk {} of VM {} on host {} is in format {:?}, which ferry cannot read (supported: {}); convert it to raw (e.g. `qemu-img convert -O raw`) and try again",
+                d.index, vm.name, vm.host, d.format, SUPPORTED_FORMATS.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Recommends a sync mode from what ferry knows before reading anything.
+pub fn recommend(
+    target_exists: bool,
+    failed_over_for: Option<Duration>,
+    changed_fraction: Option<f64>,
+) -> (SyncMode, String) {
+    if let Some(f) = changed_fraction {
+        return if f > 0.6 {
+            (
+                SyncMode::Full,
+                format!(
+                    "{:.0}% of the blocks differ: a full download avoids hashing what moves anyway",
+                    f * 100.0
+                ),
+            )
+        } else {
+            (SyncMode::Delta, format!("only {:.1}% of the blocks differ: a delta sync moves just those while the VM keeps running", f * 100.0))
+        };
+    }
+    if !target_exists {
+        return (
+            SyncMode::Delta,
+            "the primary VM does not exist: it will be created with empty disks, so a delta sync moves only the recovery VM's data and keeps the final downtime short".into(),
+        );
+    }
+    match failed_over_for {
+        Some(d) if d > Duration::from_secs(30 * 86_400) => (
+            SyncMode::Full,
+            format!("the VM has run at the recovery site for {} days: most blocks have probably changed", d.as_secs() / 86_400),
+        ),
+        _ => (
+            SyncMode::Delta,
+            "the primary disks still exist: a delta sync moves only differing blocks while the recovery VM keeps running".into(),
+        ),
+    }
+}
+
+impl Engine {
+    fn new_job(
+        &self,
+        kind: JobKind,
+        vm: &str,
+        step_names: &[&str],
+        params: serde_json::Value,
+        opts: RunOpts,
+    ) -> Result<JobRun> {
+        let job = self
+            .vault
+            .create_job(kind, vm, &steps(step_names), &params, &this_runner())?;
+        Ok(JobRun::start(
+            self.home.clone(),
+            job,
+            JobCtx::new(opts.threads, opts.bandwidth),
+            self.observer.clone(),
+        ))
+    }
+
+    fn resume_job(&self, id: i64, opts: RunOpts) -> Result<JobRun> {
+        self.vault.claim_job(id, &this_runner())?;
+        let job = self
+            .vault
+            .job(id)?
+            .ok_or_else(|| anyhow!("job {id} vanished"))?;
+        Ok(JobRun::start(
+            self.home.clone(),
+            job,
+            JobCtx::new(opts.threads, opts.bandwidth),
+            self.observer.clone(),
+        ))
+    }
+
+    /// Refuses when another live process runs a job for this item.
+    fn check_no_running_job(&self, item: &ProtectedItem) -> Result<()> {
+        if let Some(id) = item.job {
+            if let Some(j) = self.vault.job(id)? {
+                if j.state == JobState::Running {
+                    bail!(
+                        "VM {} has job {id} ({}) running; watch it with `ferry job watch {id}` or stop it with `ferry cancel {}`",
+                        item.vm, j.kind.as_str(), item.vm
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the item into `state` with `job` as its current job, atomically.
+    fn enter(&self, item: &mut ProtectedItem, state: ItemState, job: i64) -> Result<()> {
+        item.state = state;
+        item.job = Some(job);
+        self.vault.update_item(item)?;
+        Ok(())
+    }
+
+    /// Ends a job: persists its final state and the item's next state.
+    fn conclude<T>(
+        &self,
+        vm: &str,
+        cmd: Command,
+        run: JobRun,
+        r: Result<(Outcome, T)>,
+    ) -> Result<(Job, T)> {
+        let mut item = self.item(vm)?;
+        match r {
+            Ok((outcome, v)) => {
+                let state = if outcome == Outcome::Waiting {
+                    JobState::Waiting
+                } else {
+                    JobState::Succeeded
+                };
+                let job = run.close(&self.vault, state, None)?;
+                item.state = finish(item.state, cmd, outcome);
+                self.vault.update_item(&item)?;
+                Ok((job, v))
+            }
+            Err(e) => {
+                let cancelled = e.downcast_ref::<Cancelled>().is_some();
+                let (js, outcome, msg) = if cancelled {
+                    (
+                        JobState::Cancelled,
+                        Outcome::Cancelled,
+                        format!("cancelled; run `ferry {} {vm}` to resume", cmd.cli()),
+                    )
+                } else {
+                    (JobState::Failed, Outcome::Failed, format!("{e:#}"))
+                };
+                let job = run.close(&self.vault, js, Some(&msg))?;
+                item.state = finish(item.state, cmd, outcome);
+                self.vault.update_item(&item)?;
+                self.vault.event(Some(vm), Some(job.id), &msg)?;
+                if cancelled {
+                    bail!(
+                        "job {} of VM {vm} was cancelled; run `ferry {} {vm}` to resume it",
+                        job.id,
+                        cmd.cli()
+                    );
+                }
+                Err(e.context(format!(
+                    "job {} ({}) of VM {vm} failed",
+                    job.id,
+                    job.kind.as_str()
+                )))
+            }
+        }
+    }
+
+    // ---- protect / replicate / reverse ----
+
+    /// Enables replication of `vm` to `site` and takes the first recovery point.
+    pub fn protect(
+        &self,
+        vm: &str,
+        site: &str,
+        rpo: Duration,
+        retention: Duration,
+        block_size: u64,
+        opts: RunOpts,
+    ) -> Result<Job> {
+        ferry_model::validate_name("VM", vm)?;
+        if !(4096..=(4 << 20)).contains(&block_size) || !block_size.is_power_of_two() {
+            bail!("block size {block_size} is not supported: use a power of two from 4KiB to 4MiB (default 64KiB)");
+        }
+        let site_rec = self.site(site)?;
+        if site_rec.role != SiteRole::Recovery {
+            bail!("site {site} is a {} site; protect to a recovery site (add one with `ferry site add NAME --role recovery`)", site_rec.role.as_str());
+        }
+        let existing = self.vault.item(vm)?;
+        let state = existing
+            .as_ref()
+            .map(|i| i.state)
+            .unwrap_or(ItemState::Unprotected);
+        let next = begin(vm, state, Command::Protect)?;
+        let (host, info) = self.locate_vm(vm, None)?;
+        let h = self.host(&host.name)?;
+        if self.site(&h.site)?.role == SiteRole::Recovery {
+            bail!(
+                "VM {vm} runs on host {} at recovery site {}; protect VMs from their primary site",
+                h.name,
+                h.site
+            );
+        }
+        check_formats(&info)?;
+        self.store(site)?;
+        let mut item = ProtectedItem {
+            vm: vm.into(),
+            primary_host: host.name.clone(),
+            recovery_site: site.into(),
+            recovery_host: None,
+            state,
+            block_size,
+            rpo_secs: rpo.as_secs(),
+            retention_secs: retention.as_secs(),
+            job: None,
+            failed_over_at: None,
+        };
+        if existing.is_some() {
+            self.vault.update_item(&item)?;
+        } else {
+            self.vault.add_item(&item)?;
+        }
+        self.set_extra(vm, &ItemExtra::default())?;
+        self.drop_maps(vm, Copy::Primary)?;
+        let run = self.new_job(
+            JobKind::Protect,
+            vm,
+            &["initial replication"],
+            json!({}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = self
+            .replicate_copy(&run, &item, &host, "initial replication")
+            .map(|p| (Outcome::Succeeded, p));
+        Ok(self.conclude(vm, Command::Protect, run, r)?.0)
+    }
+
+    /// Runs one replication cycle now.
+    pub fn replicate(&self, vm: &str, opts: RunOpts) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::Replicate)?;
+        let host = self.host(&item.primary_host)?;
+        self.driver(&host)?.check_connected()?;
+        let run = self.new_job(
+            JobKind::Replicate,
+            vm,
+            &["replicate changes"],
+            json!({}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = self
+            .replicate_copy(&run, &item, &host, "replicate changes")
+            .map(|p| (Outcome::Succeeded, p));
+        Ok(self.conclude(vm, Command::Replicate, run, r)?.0)
+    }
+
+    /// Protects a failed-back VM again, sending only blocks changed since the failback.
+    pub fn reverse_replicate(&self, vm: &str, opts: RunOpts) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::ReverseReplicate)?;
+        let host = self.host(&item.primary_host)?;
+        self.driver(&host)?.check_connected()?;
+        self.store(&item.recovery_site)?;
+        let run = self.new_job(
+            JobKind::ReverseReplicate,
+            vm,
+            &["replicate changes since failback"],
+            json!({}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = self
+            .replicate_copy(&run, &item, &host, "replicate changes since failback")
+            .map(|p| (Outcome::Succeeded, p));
+        Ok(self.conclude(vm, Command::ReverseReplicate, run, r)?.0)
+    }
+
+    /// Replicates the primary copy into a new recovery point (only blocks that differ from the
+    /// copy's known map and are new to the store move).
+    fn replicate_copy(
+        &self,
+        run: &JobRun,
+        item: &ProtectedItem,
+        host: &Host,
+        step: &str,
+    ) -> Result<RecoveryPoint> {
+        let d = self.driver(host)?;
+        let info = d
+            .get_vm(&item.vm)?
+            .ok_or_else(|| anyhow!("VM {} no longer exists on host {}", item.vm, host.name))?;
+        check_formats(&info)?;
+        let store = self.store(&item.recovery_site)?;
+        let mut extra = self.extra(&item.vm)?;
+        let known = extra.primary.clone().filter(|p| p.host == host.name);
+        let total: u64 = info.disks.iter().map(|x| x.size).sum();
+        run.begin_step(step, total);
+        let mut maps = Vec::new();
+        let mut stamps = Vec::new();
+        for disk in &info.disks {
+            let before = d.disk_stamp(&item.vm, disk.index)?;
+            let base = match &known {
+                Some(k) => self
+                    .load_map(&item.vm, Copy::Primary, disk.index)?
+                    .filter(|m| m.size == disk.size && m.block_size == item.block_size)
+                    .map(|m| (m, k.stamps.get(disk.index as usize).copied().flatten())),
+                None => None,
+            };
+            let unchanged = match (&base, before) {
+                (Some((m, Some(old))), Some(now)) => {
+                    old.unchanged_in(&now)
+                        && m.hashes.iter().all(|h| *h == ZERO || store.contains(h))
+                }
+                _ => false,
+            };
+            let map = if unchanged {
+                run.ctx.add_step_done(disk.size);
+                base.unwrap().0
+            } else {
+                let target = base
+                    .map(|b| b.0)
+                    .unwrap_or_else(|| BlockMap::zeros(disk.size, item.block_size));
+                let dev = d.open_disk(&item.vm, disk.index, false)?;
+                pass(
+                    &run.ctx,
+                    PassSpec {
+                        src: dev.as_ref(),
+                        block_size: item.block_size,
+                        target: Arc::new(target),
+                        store: Some(store.clone()),
+                        write: None,
+                        crosses_sites: true,
+                        only: None,
+                    },
+                )?
+                .map
+            };
+            self.save_map(&item.vm, Copy::Primary, disk.index, &map)?;
+            maps.push(map);
+            stamps.push(before);
+        }
+        extra.primary = Some(CopyState {
+            host: host.name.clone(),
+            stamps,
+        });
+        self.set_extra(&item.vm, &extra)?;
+        let point = self.record_point(
+            &store,
+            &item.vm,
+            Manifest { disks: maps },
+            PointKind::Replication,
+        )?;
+        self.apply_retention(&store, item)?;
+        run.end_step();
+        Ok(point)
+    }
+
+    fn record_point(
+        &self,
+        store: &Store,
+        vm: &str,
+        m: Manifest,
+        kind: PointKind,
+    ) -> Result<RecoveryPoint> {
+        let id = self.vault.next_point_id()?;
+        let key = store.put_manifest(vm, id, &m)?;
+        let p = RecoveryPoint {
+            id,
+            vm: vm.into(),
+            created_at: ferry_model::rfc3339(now_secs()),
+            kind,
+            size: m.size(),
+            data_bytes: m.disks.iter().map(|d| d.data_bytes()).sum(),
+            manifest: key,
+        };
+        self.vault.add_point(&p)?;
+        Ok(p)
+    }
+
+    /// Deletes points older than the retention (always keeping the newest) and collects packs
+    /// nothing references any more.
+    fn apply_retention(&self, store: &Store, item: &ProtectedItem) -> Result<()> {
+        let points = self.vault.points(&item.vm)?;
+        let cutoff = now_secs() - item.retention_secs as i64;
+        let mut pruned = 0;
+        for p in points.iter().skip(1) {
+            let created = parse_rfc3339(&p.created_at).unwrap_or(i64::MAX);
+            if created < cutoff {
+                store.delete_manifest(&p.manifest)?;
+                self.vault.delete_point(p.id)?;
+                pruned += 1;
+            }
+        }
+        if pruned > 0 {
+            // Packs younger than an hour may belong to a job still running: never collected.
+            store.collect_garbage(Duration::from_secs(3600))?;
+        }
+        Ok(())
+    }
+
+    // ---- failover / commit ----
+
+    /// Fails `vm` over to the recovery site.
+    pub fn failover(
+        &self,
+        vm: &str,
+        mode: FailoverMode,
+        point: Option<i64>,
+        host: Option<&str>,
+        opts: RunOpts,
+    ) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::Failover)?;
+        let rhost = match host {
+            Some(h) => self.host(h)?,
+            None => self
+                .vault
+                .hosts()?
+                .into_iter()
+                .find(|h| h.site == item.recovery_site)
+                .ok_or_else(|| anyhow!("recovery site {} has no host; add one with `ferry host add NAME --site {} --driver dir`", item.recovery_site, item.recovery_site))?,
+        };
+        if rhost.site != item.recovery_site {
+            bail!(
+                "host {} is at site {}, not at VM {vm}'s recovery site {}",
+                rhost.name,
+                rhost.site,
+                item.recovery_site
+            );
+        }
+        let rd = self.driver(&rhost)?;
+        rd.check_connected()?;
+        let phost = self.host(&item.primary_host)?;
+        let pd = self.driver(&phost)?;
+        let extra = self.extra(vm)?;
+        // The shape of the VM to create: from the primary copy if reachable, else from the point.
+        let pinfo = match mode {
+            FailoverMode::Planned => {
+                pd.check_connected()?;
+                Some(pd.get_vm(vm)?.ok_or_else(|| anyhow!("VM {vm} no longer exists on host {}; use `ferry failover {vm} --unplanned`", phost.name))?)
+            }
+            FailoverMode::Unplanned => pd
+                .check_connected()
+                .ok()
+                .and_then(|_| pd.get_vm(vm).ok().flatten()),
+        };
+        if let Some(existing) = rd.get_vm(vm)? {
+            if extra.failover_partial.as_deref() != Some(rhost.name.as_str()) {
+                bail!("VM {vm} already exists on host {} (not created by ferry); remove it or pick another host with --host", existing.host);
+            }
+        }
+        let chosen = match (mode, point) {
+            (FailoverMode::Planned, Some(_)) => bail!("--point applies to --unplanned failovers; a planned failover always takes a last point"),
+            (FailoverMode::Planned, None) => None,
+            (FailoverMode::Unplanned, Some(id)) => Some(
+                self.vault
+                    .point(id)?
+                    .filter(|p| p.vm == vm)
+                    .ok_or_else(|| anyhow!("VM {vm} has no recovery point {id}; list them with `ferry points {vm}`"))?,
+            ),
+            (FailoverMode::Unplanned, None) => Some(
+                self.vault
+                    .points(vm)?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet; run `ferry replicate {vm}`"))?,
+            ),
+        };
+        let nics: Vec<String> = pinfo
+            .as_ref()
+            .map(|i| i.nics.iter().map(|n| n.switch.clone()).collect())
+            .unwrap_or_default();
+        rd.check_switches(&nics)?;
+        let store = self.store(&item.recovery_site)?;
+        let names: Vec<&str> = match mode {
+            FailoverMode::Planned => vec![
+                "stop primary VM",
+                "replicate final changes",
+                "create recovery VM",
+                "restore disks",
+                "start recovery VM",
+            ],
+            FailoverMode::Unplanned => {
+                vec!["create recovery VM", "restore disks", "start recovery VM"]
+            }
+        };
+        let run = self.new_job(
+            JobKind::Failover,
+            vm,
+            &names,
+            json!({"mode": format!("{mode:?}").to_lowercase(), "host": rhost.name}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = (|| -> Result<(Outcome, ())> {
+            let mut down = None;
+            let point = match chosen {
+                Some(p) => p,
+                None => {
+                    run.begin_step("stop primary VM", 0);
+                    let was_running = pd.get_vm(vm)?.map(|v| v.power) == Some(Power::Running);
+                    pd.stop_vm(vm)?;
+                    if was_running {
+                        down = Some(Instant::now());
+                    }
+                    run.end_step();
+                    self.replicate_copy(&run, &item, &phost, "replicate final changes")?
+                }
+            };
+            let manifest = store.get_manifest(&point.manifest)?;
+            run.begin_step("create recovery VM", 0);
+            let mut ex = self.extra(vm)?;
+            ex.failover_partial = Some(rhost.name.clone());
+            self.set_extra(vm, &ex)?;
+            if rd.get_vm(vm)?.is_some() {
+                rd.delete_vm(vm)?;
+            }
+            let spec = VmSpec {
+                name: vm.into(),
+                cpus: pinfo.as_ref().map(|i| i.cpus).unwrap_or(1),
+                memory: pinfo.as_ref().map(|i| i.memory).unwrap_or(512 << 20),
+                disks: manifest.disks.iter().map(|d| d.size).collect(),
+                nics,
+            };
+            rd.create_vm(&spec)?;
+            run.end_step();
+            run.begin_step(
+                "restore disks",
+                manifest.disks.iter().map(|d| d.data_bytes()).sum(),
+            );
+            let mut stamps = Vec::new();
+            for (i, m) in manifest.disks.iter().enumerate() {
+                let dev = rd.open_disk(vm, i as u32, true)?;
+                restore(&run.ctx, &store, m, dev.as_ref())?;
+                self.save_map(vm, Copy::Recovery, i as u32, m)?;
+                stamps.push(rd.disk_stamp(vm, i as u32)?);
+            }
+            run.end_step();
+            run.begin_step("start recovery VM", 0);
+            rd.start_vm(vm)?;
+            if let Some(t) = down {
+                run.set_downtime(t.elapsed());
+            }
+            run.end_step();
+            let mut ex = self.extra(vm)?;
+            ex.failover_partial = None;
+            ex.recovery = Some(CopyState {
+                host: rhost.name.clone(),
+                stamps,
+            });
+            self.set_extra(vm, &ex)?;
+            let mut it = self.item(vm)?;
+            it.recovery_host = Some(rhost.name.clone());
+            it.failed_over_at = Some(now_secs());
+            self.vault.update_item(&it)?;
+            Ok((Outcome::Succeeded, ()))
+        })();
+        Ok(self.conclude(vm, Command::Failover, run, r)?.0)
+    }
+
+    /// Commits a failover (the VM stays at the recovery site) or a failback (the recovery VM
+    /// and its disks are deleted).
+    pub fn commit(&self, vm: &str) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::Commit)?;
+        let after_failback = item.state == ItemState::FailbackCommitPending;
+        let rd = match (&item.recovery_host, after_failback) {
+            (Some(h), true) => {
+                let d = self.driver(&self.host(h)?)?;
+                d.check_connected()?;
+                Some(d)
+            }
+            _ => None,
+        };
+        let name = if after_failback {
+            "delete recovery VM"
+        } else {
+            "commit failover"
+        };
+        let run = self.new_job(JobKind::Commit, vm, &[name], json!({}), RunOpts::default())?;
+        self.enter(&mut item, next, run.id())?;
+        let r = (|| -> Result<(Outcome, ())> {
+            run.begin_step(name, 0);
+            if let Some(d) = &rd {
+                if d.get_vm(vm)?.is_some() {
+                    d.stop_vm(vm)?;
+                    d.delete_vm(vm)?;
+                }
+                self.drop_maps(vm, Copy::Recovery)?;
+                let mut ex = self.extra(vm)?;
+                ex.recovery = None;
+                self.set_extra(vm, &ex)?;
+                let mut it = self.item(vm)?;
+                it.recovery_host = None;
+                self.vault.update_item(&it)?;
+            }
+            run.end_step();
+            Ok((Outcome::Succeeded, ()))
+        })();
+        Ok(self.conclude(vm, Command::Commit, run, r)?.0)
+    }
+
+    // ---- failback ----
+
+    /// Fails `vm` back to the primary site (see DESIGN.md §2). Returns the job, or the
+    /// prediction of a dry run.
+    pub fn failback(&self, vm: &str, o: &FailbackOpts) -> Result<(Option<Job>, Option<DryRun>)> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let resuming = matches!(
+            item.state,
+            ItemState::FailbackReady | ItemState::FailbackInterrupted
+        );
+        let prev: Option<FailbackParams> = match (resuming, item.job) {
+            (true, Some(id)) => serde_json::from_value(self.vault.job_params(id)?).ok(),
+            _ => None,
+        };
+        let sync = o
+            .sync
+            .or(prev.as_ref().and_then(|p| p.sync))
+            .unwrap_or(SyncMode::Delta);
+        let cmd = Command::Failback(sync);
+        let next = begin(vm, item.state, cmd)?;
+        let in_phase2 = prev.as_ref().is_some_and(|p| p.phase == 2);
+        if let (Some(p), Some(h)) = (&prev, &o.host) {
+            if &p.host != h {
+                bail!("VM {vm} has an interrupted failback to host {}; resume it with `ferry failback {vm}` (without --host or with --host {})", p.host, p.host);
+            }
+        }
+        if let (Some(p), Some(s)) = (&prev, o.sync) {
+            if in_phase2 && p.sync != Some(s) && p.sync.is_some() {
+                bail!("VM {vm} is in the middle of the final {} sync; resume it with `ferry failback {vm}` (without --sync)", p.sync.unwrap());
+            }
+        }
+        let target_name = o
+            .host
+            .clone()
+            .or(prev.as_ref().map(|p| p.host.clone()))
+            .unwrap_or_else(|| item.primary_host.clone());
+        let thost = self.host(&target_name)?;
+        let tsite = self.site(&thost.site)?;
+        if tsite.role != SiteRole::Primary {
+            bail!(
+                "host {} is at {} site {}; fail back to a host at a primary site",
+                thost.name,
+                tsite.role.as_str(),
+                tsite.name
+            );
+        }
+        let td = self.driver(&thost)?;
+        td.check_connected()?;
+        let rhost_name = item.recovery_host.clone().ok_or_else(|| {
+            anyhow!("VM {vm} has no recovery copy on record; nothing to fail back")
+        })?;
+        let rhost = self.host(&rhost_name)?;
+        let rd = self.driver(&rhost)?;
+        rd.check_connected()?;
+        let rinfo = rd.get_vm(vm)?.ok_or_else(|| {
+            anyhow!(
+                "the recovery VM {vm} no longer exists on host {}; it cannot be failed back",
+                rhost.name
+            )
+        })?;
+        check_formats(&rinfo)?;
+        let tinfo = td.get_vm(vm)?;
+        let creates = tinfo.is_none()
+            && !prev
+                .as_ref()
+                .is_some_and(|p| p.create_vm && p.host == thost.name);
+        match &tinfo {
+            None if !(o.create_vm || prev.as_ref().is_some_and(|p| p.create_vm)) => bail!(
+                "VM {vm} does not exist on host {}; add --create-vm to create it there{}",
+                thost.name,
+                if o.host.is_none() {
+                    " (the primary VM was deleted: a full download is recommended: --sync full --create-vm)"
+                } else {
+                    ""
+                }
+            ),
+            None => rd.check_switches(&[]).and_then(|_| {
+                td.check_switches(
+                    &rinfo
+                        .nics
+                        .iter()
+                        .map(|n| n.switch.clone())
+                        .collect::<Vec<_>>(),
+                )
+            })?,
+            Some(t) => {
+                if t.power == Power::Running {
+                    bail!(
+                        "VM {vm} is running on host {} at the primary site; two live copies would diverge. Stop it with `ferry vm stop {vm} --host {}`, then run the failback again",
+                        thost.name, thost.name
+                    );
+                }
+                check_formats(t)?;
+                let shape = |v: &VmInfo| v.disks.iter().map(|d| d.size).collect::<Vec<_>>();
+                if shape(t) != shape(&rinfo) {
+                    bail!("VM {vm} on host {} has disks of sizes {:?} but the recovery VM has {:?}; fail back to another host with --host H --create-vm", thost.name, shape(t), shape(&rinfo));
+                }
+            }
+        }
+        let _ = creates;
+        let failed_for = item
+            .failed_over_at
+            .map(|t| Duration::from_secs((now_secs() - t).max(0) as u64));
+        let opts = o.run.unwrap_or_default();
+
+        if o.dry_run {
+            return Ok((
+                None,
+                Some(self.failback_dry_run(
+                    &item,
+                    sync,
+                    &thost,
+                    tinfo.as_ref(),
+                    &rinfo,
+                    failed_for,
+                    opts,
+                )?),
+            ));
+        }
+
+        // Everything checked: from here on things change.
+        let (run, mut params) = match (&prev, item.job) {
+            (Some(p), Some(id)) => {
+                let mut p = p.clone();
+                if !in_phase2 {
+                    p.sync = Some(sync);
+                }
+                p.create_vm |= o.create_vm;
+                (self.resume_job(id, opts)?, p)
+            }
+            _ => {
+                let p = FailbackParams {
+                    sync: Some(sync),
+                    host: thost.name.clone(),
+                    create_vm: o.create_vm,
+                    phase: 1,
+                    rounds: 0,
+                    phase1_stamps: vec![],
+                    full_reset: false,
+                };
+                let names: &[&str] = match sync {
+                    SyncMode::Delta => &[
+                        "prepare primary VM",
+                        "sync disks (phase 1)",
+                        "stop recovery VM",
+                        "sync final changes (phase 2)",
+                        "start primary VM",
+                    ],
+                    SyncMode::Full => &[
+                        "prepare primary VM",
+                        "stop recovery VM",
+                        "download all blocks",
+                        "start primary VM",
+                    ],
+                };
+                (
+                    self.new_job(
+                        JobKind::Failback,
+                        vm,
+                        names,
+                        serde_json::to_value(&p)?,
+                        opts,
+                    )?,
+                    p,
+                )
+            }
+        };
+        let running_state = if in_phase2 {
+            ItemState::FailbackCompleting
+        } else {
+            next
+        };
+        self.enter(&mut item, running_state, run.id())?;
+        let effective_cmd = if in_phase2 && sync == SyncMode::Delta {
+            Command::Complete
+        } else {
+            cmd
+        };
+        let r = (|| -> Result<(Outcome, ())> {
+            self.failback_prepare(&run, &item, &thost, td.as_ref(), &rinfo, &mut params)?;
+            if sync == SyncMode::Delta && !in_phase2 {
+                self.failback_phase1(&run, &item, td.as_ref(), rd.as_ref(), &rinfo, &mut params)?;
+                if !o.auto_complete {
+                    return Ok((Outcome::Waiting, ()));
+                }
+                let mut it = self.item(vm)?;
+                it.state = ItemState::FailbackCompleting;
+                self.vault.update_item(&it)?;
+            }
+            self.failback_phase2(
+                &run,
+                &thost,
+                td.as_ref(),
+                rd.as_ref(),
+                &rinfo,
+                &mut params,
+                o.verify,
+            )?;
+            Ok((Outcome::Succeeded, ()))
+        })();
+        let (job, ()) = self.conclude(vm, effective_cmd, run, r)?;
+        Ok((Some(job), None))
+    }
+
+    /// Phase 2 of a waiting delta failback.
+    pub fn complete(&self, vm: &str, opts: RunOpts, verify: bool) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::Complete)?;
+        let id = item
+            .job
+            .ok_or_else(|| anyhow!("VM {vm} has no waiting failback job"))?;
+        let mut params: FailbackParams = serde_json::from_value(self.vault.job_params(id)?)?;
+        let thost = self.host(&params.host)?;
+        let td = self.driver(&thost)?;
+        td.check_connected()?;
+        let rhost = self.host(item.recovery_host.as_deref().unwrap_or_default())?;
+        let rd = self.driver(&rhost)?;
+        rd.check_connected()?;
+        let rinfo = rd.get_vm(vm)?.ok_or_else(|| {
+            anyhow!(
+                "the recovery VM {vm} no longer exists on host {}",
+                rhost.name
+            )
+        })?;
+        let run = self.resume_job(id, opts)?;
+        self.enter(&mut item, next, run.id())?;
+        let r = self
+            .failback_phase2(
+                &run,
+                &thost,
+                td.as_ref(),
+                rd.as_ref(),
+                &rinfo,
+                &mut params,
+                verify,
+            )
+            .map(|_| (Outcome::Succeeded, ()));
+        Ok(self.conclude(vm, Command::Complete, run, r)?.0)
+    }
+
+    fn save_params(&self, run: &JobRun, p: &FailbackParams) -> Result<()> {
+        self.vault
+            .set_job_params(run.id(), &serde_json::to_value(p)?)?;
+        Ok(())
+    }
+
+    /// Creates the target VM if needed and marks its disks inconsistent for the sync.
+    fn failback_prepare(
+        &self,
+        run: &JobRun,
+        item: &ProtectedItem,
+        thost: &Host,
+        td: &dyn Hypervisor,
+        rinfo: &VmInfo,
+        params: &mut FailbackParams,
+    ) -> Result<()> {
+        let vm = &item.vm;
+        run.begin_step("prepare primary VM", 0);
+        let mut extra = self.extra(vm)?;
+        if td.get_vm(vm)?.is_none() {
+            let mut spec = VmSpec::like(rinfo);
+            spec.name = vm.clone();
+            td.create_vm(&spec)?;
+            // A new VM's disks are all zeros: its maps are exact without reading anything.
+            self.drop_maps(vm, Copy::Primary)?;
+            for d in &rinfo.disks {
+                self.save_map(
+                    vm,
+                    Copy::Primary,
+                    d.index,
+                    &BlockMap::zeros(d.size, item.block_size),
+                )?;
+            }
+            extra.primary = Some(CopyState {
+                host: thost.name.clone(),
+                stamps: vec![None; rinfo.disks.len()],
+            });
+            self.set_extra(vm, &extra)?;
+        }
+        let tinfo = td
+            .get_vm(vm)?
+            .ok_or_else(|| anyhow!("VM {vm} vanished from host {}", thost.name))?;
+        // Know what the target disks hold: trusted maps, journals of an interrupted sync, or a scan.
+        let known_host = extra.primary.as_ref().is_some_and(|p| p.host == thost.name);
+        let mut stamps = extra
+            .primary
+            .as_ref()
+            .map(|p| p.stamps.clone())
+            .unwrap_or_default();
+        stamps.resize(tinfo.disks.len(), None);
+        for d in &tinfo.disks {
+            let inconsistent_by_us = !d.consistent && known_host;
+            let map = if known_host {
+                self.load_map(vm, Copy::Primary, d.index)?
+            } else {
+                None
+            };
+            let trusted = match (&map, stamps[d.index as usize], td.disk_stamp(vm, d.index)?) {
+                (Some(m), _, _) if m.size != d.size || m.block_size != item.block_size => false,
+                (Some(_), _, _) if inconsistent_by_us => true,
+                (Some(_), Some(old), Some(now)) => old.unchanged_in(&now),
+                _ => false,
+            };
+            if params.sync == Some(SyncMode::Full) && !params.full_reset {
+                // A full download rewrites every block: treat the target as unknown.
+                self.save_map(
+                    vm,
+                    Copy::Primary,
+                    d.index,
+                    &BlockMap::unknown(d.size, item.block_size),
+                )?;
+            } else if !trusted {
+                run.begin_step("prepare primary VM", d.size);
+                let dev = td.open_disk(vm, d.index, false)?;
+                let scanned = pass(
+                    &run.ctx,
+                    PassSpec {
+                        src: dev.as_ref(),
+                        block_size: item.block_size,
+                        target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
+                        store: None,
+                        write: None,
+                        crosses_sites: false,
+                        only: None,
+                    },
+                )?;
+                self.save_map(vm, Copy::Primary, d.index, &scanned.map)?;
+            }
+            td.set_disk_consistent(vm, d.index, false)?;
+        }
+        if params.sync == Some(SyncMode::Full) {
+            params.full_reset = true;
+        }
+        extra.primary = Some(CopyState {
+            host: thost.name.clone(),
+            stamps: vec![None; tinfo.disks.len()],
+        });
+        self.set_extra(vm, &extra)?;
+        self.save_params(run, params)?;
+        run.end_step();
+        Ok(())
+    }
+
+    /// Moves every differing block of the recovery disks to the target disks (journaled), and
+    /// returns the recovery disks' maps.
+    fn sync_disks(
+        &self,
+        run: &JobRun,
+        vm: &str,
+        block_size: u64,
+        store: &Arc<Store>,
+        td: &dyn Hypervisor,
+        rd: &dyn Hypervisor,
+        rinfo: &VmInfo,
+    ) -> Result<Vec<BlockMap>> {
+        let mut maps = Vec::new();
+        for d in &rinfo.disks {
+            let target = self
+                .load_map(vm, Copy::Primary, d.index)?
+                .unwrap_or_else(|| BlockMap::unknown(d.size, block_size));
+            let src = rd.open_disk(vm, d.index, false)?;
+            let dst = td.open_disk(vm, d.index, true)?;
+            let mut journal = MapJournal::open(&self.journal_path(vm, Copy::Primary, d.index))?;
+            let r = pass(
+                &run.ctx,
+                PassSpec {
+                    src: src.as_ref(),
+                    block_size,
+                    target: Arc::new(target),
+                    store: Some(store.clone()),
+                    write: Some((dst.as_ref(), &mut journal)),
+                    crosses_sites: true,
+                    only: None,
+                },
+            )?;
+            maps.push(r.map);
+        }
+        Ok(maps)
+    }
+
+    fn failback_phase1(
+        &self,
+        run: &JobRun,
+        item: &ProtectedItem,
+        td: &dyn Hypervisor,
+        rd: &dyn Hypervisor,
+        rinfo: &VmInfo,
+        params: &mut FailbackParams,
+    ) -> Result<()> {
+        let vm = &item.vm;
+        let store = self.store(&item.recovery_site)?;
+        let total: u64 = rinfo.disks.iter().map(|d| d.size).sum();
+        run.begin_step("sync disks (phase 1)", total);
+        let stamps = rinfo
+            .disks
+            .iter()
+            .map(|d| rd.disk_stamp(vm, d.index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let maps = self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo)?;
+        for (i, m) in maps.iter().enumerate() {
+            self.save_map(vm, Copy::Recovery, i as u32, m)?;
+        }
+        params.phase1_stamps = stamps;
+        params.rounds += 1;
+        self.save_params(run, params)?;
+        run.end_step();
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn failback_phase2(
+        &self,
+        run: &JobRun,
+        thost: &Host,
+        td: &dyn Hypervisor,
+        rd: &dyn Hypervisor,
+        rinfo: &VmInfo,
+        params: &mut FailbackParams,
+        verify: bool,
+    ) -> Result<()> {
+        let vm = &rinfo.name;
+        let item = self.item(vm)?;
+        let store = self.store(&item.recovery_site)?;
+        run.begin_step("stop recovery VM", 0);
+        let was_running = rd.get_vm(vm)?.map(|v| v.power) == Some(Power::Running);
+        let down = Instant::now();
+        rd.stop_vm(vm)?;
+        params.phase = 2;
+        self.save_params(run, params)?;
+        run.end_step();
+        let step = if params.sync == Some(SyncMode::Full) {
+            "download all blocks"
+        } else {
+            "sync final changes (phase 2)"
+        };
+        // After phase 1, a recovery disk untouched since its round started needs no second read.
+        let mut maps: Vec<BlockMap> = Vec::new();
+        let mut untouched = params.sync != Some(SyncMode::Full);
+        for d in &rinfo.disks {
+            let old = params
+                .phase1_stamps
+                .get(d.index as usize)
+                .copied()
+                .flatten();
+            let now = rd.disk_stamp(vm, d.index)?;
+            let m = self.load_map(vm, Copy::Recovery, d.index)?;
+            let p = self.load_map(vm, Copy::Primary, d.index)?;
+            match (old, now, m, p) {
+                (Some(o), Some(n), Some(m), Some(p)) if o.unchanged_in(&n) && m == p => {
+                    maps.push(m)
+                }
+                _ => untouched = false,
+            }
+        }
+        if untouched {
+            run.begin_step(step, 0);
+        } else {
+            run.begin_step(step, rinfo.disks.iter().map(|d| d.size).sum());
+            maps = self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo)?;
+        }
+        run.end_step();
+        // The failback point: what the primary now holds, complete in the store so reverse
+        // replication sends only later changes.
+        self.fill_store(run, &store, rd, vm, &maps)?;
+        if verify {
+            for (i, m) in maps.iter().enumerate() {
+                let dev = td.open_disk(vm, i as u32, false)?;
+                let check = pass(
+                    &run.ctx,
+                    PassSpec {
+                        src: dev.as_ref(),
+                        block_size: item.block_size,
+                        target: Arc::new(m.clone()),
+                        store: None,
+                        write: None,
+                        crosses_sites: false,
+                        only: None,
+                    },
+                )?;
+                if check.blocks_moved > 0 {
+                    bail!("verification failed: {} blocks of disk {i} on host {} differ from the recovery disk after the sync; re-run `ferry failback {vm}`", check.blocks_moved, thost.name);
+                }
+            }
+        }
+        for (i, m) in maps.iter().enumerate() {
+            self.save_map(vm, Copy::Primary, i as u32, m)?;
+            td.set_disk_consistent(vm, i as u32, true)?;
+        }
+        self.record_point(
+            &store,
+            vm,
+            Manifest {
+                disks: maps.clone(),
+            },
+            PointKind::Failback,
+        )?;
+        let stamps = (0..maps.len() as u32)
+            .map(|i| td.disk_stamp(vm, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut extra = self.extra(vm)?;
+        extra.primary = Some(CopyState {
+            host: thost.name.clone(),
+            stamps,
+        });
+        self.set_extra(vm, &extra)?;
+        let mut it = self.item(vm)?;
+        it.primary_host = thost.name.clone();
+        self.vault.update_item(&it)?;
+        run.begin_step("start primary VM", 0);
+        td.start_vm(vm)?;
+        if was_running || params.rounds > 0 {
+            run.set_downtime(down.elapsed());
+        }
+        run.end_step();
+        Ok(())
+    }
+
+    /// Uploads blocks of `maps` that the store lacks, reading them from the stopped recovery VM.
+    fn fill_store(
+        &self,
+        run: &JobRun,
+        store: &Arc<Store>,
+        rd: &dyn Hypervisor,
+        vm: &str,
+        maps: &[BlockMap],
+    ) -> Result<()> {
+        let mut w = PackWriter::new(store.clone(), 32 << 20);
+        let mut comp = zstd::bulk::Compressor::new(1)?;
+        for (i, m) in maps.iter().enumerate() {
+            let missing: Vec<u64> = (0..m.len() as u64)
+                .filter(|&b| m.hashes[b as usize] != ZERO && !store.contains(&m.hashes[b as usize]))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let dev = rd.open_disk(vm, i as u32, false)?;
+            for b in missing {
+                let r = m.block_range(b);
+                let mut buf = vec![0u8; (r.end - r.start) as usize];
+                dev.read_at(r.start, &mut buf)?;
+                run.ctx.add_read(buf.len() as u64);
+                let h = ferry_blocks::hash_block(&buf);
+                if h != m.hashes[b as usize] {
+                    bail!("recovery disk {i} of VM {vm} changed while stopped (block {b}); re-run `ferry failback {vm}`");
+                }
+                let (f, c) = encode(&mut comp, &buf);
+                w.add(h, &f, c, buf.len() as u32)?;
+            }
+        }
+        w.finish()?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn failback_dry_run(
+        &self,
+        item: &ProtectedItem,
+        sync: SyncMode,
+        thost: &Host,
+        tinfo: Option<&VmInfo>,
+        rinfo: &VmInfo,
+        failed_for: Option<Duration>,
+        opts: RunOpts,
+    ) -> Result<DryRun> {
+        let vm = &item.vm;
+        let ctx = JobCtx::new(opts.threads, None);
+        let fake = Job {
+            id: 0,
+            kind: JobKind::Failback,
+            vm: vm.clone(),
+            state: JobState::Running,
+            steps: vec![],
+            bytes_read: 0,
+            bytes_transferred: 0,
+            bytes_written: 0,
+            started_at: String::new(),
+            ended_at: None,
+            error: None,
+            downtime_ms: None,
+        };
+        let run = JobRun::start(self.home.clone(), fake, ctx, None);
+        let extra = self.extra(vm)?;
+        let td = self.driver(thost)?;
+        let rd = self.driver(&self.host(&rinfo.host)?)?;
+        let known_host = extra.primary.as_ref().is_some_and(|p| p.host == thost.name);
+        let mut disks = Vec::new();
+        for d in &rinfo.disks {
+            let target = match tinfo {
+                None => BlockMap::zeros(d.size, item.block_size),
+                Some(t) => {
+                    let map = if known_host {
+                        self.load_map(vm, Copy::Primary, d.index)?
+                    } else {
+                        None
+                    };
+                    let stamp = extra
+                        .primary
+                        .as_ref()
+                        .and_then(|p| p.stamps.get(d.index as usize).copied().flatten());
+                    let disk_consistent =
+                        t.disks.get(d.index as usize).is_some_and(|x| x.consistent);
+                    let trusted = match (&map, stamp, td.disk_stamp(vm, d.index)?) {
+                        (Some(_), _, _) if !disk_consistent && known_host => true,
+                        (Some(_), Some(o), Some(n)) => o.unchanged_in(&n),
+                        _ => false,
+                    };
+                    match map {
+                        Some(m) if trusted && m.size == d.size => m,
+                        _ => {
+                            let dev = td.open_disk(vm, d.index, false)?;
+                            pass(
+                                &run.ctx,
+                                PassSpec {
+                                    src: dev.as_ref(),
+                                    block_size: item.block_size,
+                                    target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
+                                    store: None,
+                                    write: None,
+                                    crosses_sites: false,
+                                    only: None,
+                                },
+                            )?
+                            .map
+                        }
+                    }
+                }
+            };
+            let target = if sync == SyncMode::Full {
+                BlockMap::unknown(d.size, item.block_size)
+            } else {
+                target
+            };
+            let dev = rd.open_disk(vm, d.index, false)?;
+            let r = pass(
+                &run.ctx,
+                PassSpec {
+                    src: dev.as_ref(),
+                    block_size: item.block_size,
+                    target: Arc::new(target),
+                    store: None,
+                    write: None,
+                    crosses_sites: false,
+                    only: None,
+                },
+            )?;
+            disks.push(DryRunDisk {
+                index: d.index,
+                blocks: r.map.len() as u64,
+                blocks_to_move: r.blocks_moved,
+                bytes_to_move: r.bytes_moved,
+            });
+        }
+        let snap = run.snapshot();
+        let blocks: u64 = disks.iter().map(|d| d.blocks).sum();
+        let moving: u64 = disks.iter().map(|d| d.blocks_to_move).sum();
+        let frac = if blocks == 0 {
+            0.0
+        } else {
+            moving as f64 / blocks as f64
+        };
+        let (rec, reason) = recommend(
+            tinfo.is_some(),
+            failed_for,
+            if sync == SyncMode::Delta {
+                Some(frac)
+            } else {
+                None
+            },
+        );
+        Ok(DryRun {
+            vm: vm.clone(),
+            sync,
+            host: thost.name.clone(),
+            blocks_to_move: moving,
+            bytes_to_move: disks.iter().map(|d| d.bytes_to_move).sum(),
+            disks,
+            bytes_read: snap.bytes_read,
+            recommended_sync: rec,
+            reason,
+        })
+    }
+
+    /// What ferry recommends for a failback of `vm`, from what it knows without reading disks.
+    pub fn failback_recommendation(
+        &self,
+        vm: &str,
+        host: Option<&str>,
+    ) -> Result<(SyncMode, String)> {
+        let item = self.item(vm)?;
+        let h = host
+            .map(|s| s.to_string())
+            .unwrap_or(item.primary_host.clone());
+        let exists = self
+            .host(&h)
+            .and_then(|h| Ok(self.driver(&h)?.get_vm(vm)?.is_some()))
+            .unwrap_or(false);
+        let failed_for = item
+            .failed_over_at
+            .map(|t| Duration::from_secs((now_secs() - t).max(0) as u64));
+        Ok(recommend(exists, failed_for, None))
+    }
+
+    // ---- cancel ----
+
+    /// Cancels the running or waiting job of `vm`; returns once it stopped (at most 30 s).
+    pub fn cancel(&self, vm: &str) -> Result<Job> {
+        let item = self.item(vm)?;
+        let id = item
+            .job
+            .ok_or_else(|| anyhow!("VM {vm} has no job to cancel; see `ferry status {vm}`"))?;
+        let job = self
+            .vault
+            .job(id)?
+            .ok_or_else(|| anyhow!("job {id} not found"))?;
+        match job.state {
+            JobState::Waiting => {
+                let next = begin(vm, item.state, Command::Cancel)?;
+                self.vault.atomically(|v| {
+                    v.set_job_state(
+                        id,
+                        JobState::Cancelled,
+                        Some(&format!(
+                            "cancelled while waiting; run `ferry failback {vm}` to resume"
+                        )),
+                    )?;
+                    let mut it = item.clone();
+                    it.state = next;
+                    v.update_item(&it)
+                })?;
+            }
+            JobState::Running => {
+                self.vault.request_cancel(id)?;
+                let t = Instant::now();
+                loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    self.reconcile()?;
+                    let j = self
+                        .vault
+                        .job(id)?
+                        .ok_or_else(|| anyhow!("job {id} vanished"))?;
+                    if j.state != JobState::Running {
+                        break;
+                    }
+                    if t.elapsed() > Duration::from_secs(30) {
+                        bail!("job {id} did not stop within 30 s; it is still running — try again, or check the process running it");
+                    }
+                }
+            }
+            s => bail!(
+                "job {id} of VM {vm} is already {}; nothing to cancel",
+                s.as_str()
+            ),
+        }
+        Ok(self.vault.job(id)?.expect("job exists"))
+    }
+
+    // ---- points / verify ----
+
+    /// Reads back every block of a point and checks it against its hash.
+    pub fn verify(&self, vm: &str, point: Option<i64>) -> Result<VerifyReport> {
+        let item = self.item(vm)?;
+        let p = match point {
+            Some(id) => self
+                .vault
+                .point(id)?
+                .filter(|p| p.vm == vm)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "VM {vm} has no recovery point {id}; list them with `ferry points {vm}`"
+                    )
+                })?,
+            None => self
+                .vault
+                .points(vm)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet"))?,
+        };
+        let store = self.store(&item.recovery_site)?;
+        let m = store
+            .get_manifest(&p.manifest)
+            .with_context(|| format!("point {}: manifest unreadable", p.id))?;
+        let (mut blocks, mut bytes) = (0u64, 0u64);
+        for (di, d) in m.disks.iter().enumerate() {
+            for (bi, h) in d.hashes.iter().enumerate() {
+                if *h == ZERO {
+                    continue;
+                }
+                let data = store
+                    .read_block(h)
+                    .with_context(|| format!("point {}, disk {di}, block {bi}", p.id))?;
+                blocks += 1;
+                bytes += data.len() as u64;
+            }
+        }
+        Ok(VerifyReport {
+            vm: vm.into(),
+            point: p.id,
+            blocks,
+            bytes,
+            ok: true,
+        })
+    }
+}
+
+/// Parses the RFC 3339 timestamps ferry writes (`YYYY-MM-DDTHH:MM:SSZ`) into Unix seconds.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips() {
+        for t in [0i64, 1_795_692_318, 951_782_400] {
+            assert_eq!(parse_rfc3339(&ferry_model::rfc3339(t)), Some(t));
+        }
+    }
+
+    #[test]
+    fn recommendation_follows_what_is_known() {
+        assert_eq!(recommend(true, None, Some(0.9)).0, SyncMode::Full);
+        assert_eq!(recommend(true, None, Some(0.01)).0, SyncMode::Delta);
+        assert_eq!(
+            recommend(true, Some(Duration::from_secs(90 * 86_400)), None).0,
+            SyncMode::Full
+        );
+        assert_eq!(
+            recommend(true, Some(Duration::from_secs(3600)), None).0,
+            SyncMode::Delta
+        );
+        assert!(recommend(false, None, None).1.contains("does not exist"));
+    }
+}

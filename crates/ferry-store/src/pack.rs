@@ -1,0 +1,155 @@
+//! Pack building and the binary formats of packs and pack indexes.
+use std::sync::Arc;
+
+use ferry_blocks::Hash;
+
+use crate::{Location, Result, Store};
+
+const INDEX_MAGIC: &[u8; 8] = b"FRYIDX01";
+const ENTRY_LEN: usize = 32 + 8 + 4 + 4 + 1;
+
+/// How a block frame is encoded in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// Stored as is (it did not compress).
+    Raw,
+    /// A zstd frame.
+    Zstd,
+}
+
+/// Compresses a block, falling back to raw when compression does not pay.
+pub fn encode(comp: &mut zstd::bulk::Compressor<'_>, raw: &[u8]) -> (Vec<u8>, Codec) {
+    match comp.compress(raw) {
+        Ok(c) if c.len() < raw.len() - raw.len() / 32 => (c, Codec::Zstd),
+        _ => (raw.to_vec(), Codec::Raw),
+    }
+}
+
+/// Decodes a frame; `None` when it is malformed.
+pub fn decode(frame: &[u8], loc: Location) -> Option<Vec<u8>> {
+    match loc.codec {
+        Codec::Raw => (frame.len() == loc.raw_len as usize).then(|| frame.to_vec()),
+        Codec::Zstd => zstd::bulk::decompress(frame, loc.raw_len as usize)
+            .ok()
+            .filter(|r| r.len() == loc.raw_len as usize),
+    }
+}
+
+/// Serializes a pack's index.
+pub(crate) fn index_bytes(pack: u128, entries: &[(Hash, Location)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + entries.len() * ENTRY_LEN);
+    out.extend_from_slice(INDEX_MAGIC);
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    out.extend_from_slice(&pack.to_le_bytes());
+    for (h, l) in entries {
+        out.extend_from_slice(h);
+        out.extend_from_slice(&l.offset.to_le_bytes());
+        out.extend_from_slice(&l.len.to_le_bytes());
+        out.extend_from_slice(&l.raw_len.to_le_bytes());
+        out.push(match l.codec {
+            Codec::Raw => 0,
+            Codec::Zstd => 1,
+        });
+    }
+    out
+}
+
+/// Parses a pack index whose object name carries the pack id.
+pub(crate) fn parse_index(b: &[u8]) -> Option<Vec<(Hash, Location)>> {
+    if b.len() < 32 || &b[..8] != INDEX_MAGIC {
+        return None;
+    }
+    let pack = u128::from_le_bytes(b[16..32].try_into().ok()?);
+    let n = u64::from_le_bytes(b[8..16].try_into().ok()?) as usize;
+    let body = &b[32..];
+    if body.len() != n * ENTRY_LEN {
+        return None;
+    }
+    body.chunks_exact(ENTRY_LEN)
+        .map(|e| {
+            let codec = match e[48] {
+                0 => Codec::Raw,
+                1 => Codec::Zstd,
+                _ => return None,
+            };
+            Some((
+                e[..32].try_into().ok()?,
+                Location {
+                    pack,
+                    offset: u64::from_le_bytes(e[32..40].try_into().ok()?),
+                    len: u32::from_le_bytes(e[40..44].try_into().ok()?),
+                    raw_len: u32::from_le_bytes(e[44..48].try_into().ok()?),
+                    codec,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Collects block frames into a pack and uploads it once it reaches its target size.
+/// Blocks already in the store (or already in this pack) are skipped.
+pub struct PackWriter {
+    store: Arc<Store>,
+    target: usize,
+    id: u128,
+    data: Vec<u8>,
+    entries: Vec<(Hash, Location)>,
+    pending: std::collections::HashSet<Hash>,
+    /// Frame bytes accepted (new to the store) so far.
+    pub bytes_added: u64,
+}
+
+impl PackWriter {
+    /// A writer that cuts packs of about `target` bytes.
+    pub fn new(store: Arc<Store>, target: usize) -> Self {
+        PackWriter {
+            store,
+            target,
+            id: rand::random(),
+            data: Vec::new(),
+            entries: Vec::new(),
+            pending: Default::default(),
+            bytes_added: 0,
+        }
+    }
+
+    /// Adds a frame unless the block is already stored; returns whether it was added.
+    pub fn add(&mut self, h: Hash, frame: &[u8], codec: Codec, raw_len: u32) -> Result<bool> {
+        if self.store.contains(&h) || self.pending.contains(&h) {
+            return Ok(false);
+        }
+        let loc = Location {
+            pack: self.id,
+            offset: self.data.len() as u64,
+            len: frame.len() as u32,
+            raw_len,
+            codec,
+        };
+        self.data.extend_from_slice(frame);
+        self.entries.push((h, loc));
+        self.pending.insert(h);
+        self.bytes_added += frame.len() as u64;
+        if self.data.len() >= self.target {
+            self.flush()?;
+        }
+        Ok(true)
+    }
+
+    /// Uploads the current pack (if any) and starts a new one.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut self.data);
+        let entries = std::mem::take(&mut self.entries);
+        self.store.put_pack(self.id, data, entries)?;
+        self.pending.clear();
+        self.id = rand::random();
+        Ok(())
+    }
+
+    /// Uploads what is left; every added block is then readable.
+    pub fn finish(mut self) -> Result<()> {
+        self.flush()
+    }
+}

@@ -1,0 +1,864 @@
+//! Command-line definitions (CLI.md is the contract) and dispatch to the engine.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferry_engine::{Engine, FailbackOpts, FailoverMode, RunOpts};
+use ferry_model::{
+    parse_bandwidth, parse_duration, parse_size, DriverKind, JobState, SiteRole, SyncMode,
+};
+use serde_json::json;
+
+use crate::output;
+
+/// ferry — site recovery for virtual machines: replicate, fail over, and fail back with minimal
+/// downtime and data movement.
+///
+/// Example (a first look, on the built-in `dir` driver):
+///   ferry demo
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about, long_about = None, after_help = "Quick start:\n  ferry init\n  ferry site add prim --role primary && ferry site add dr --role recovery\n  ferry host add h1 --site prim --driver dir --switch lan\n  ferry host add r1 --site dr --driver dir --switch lan\n  ferry vm create web1 --host h1 --disk 1GiB --switch lan\n  ferry protect web1 --to dr && ferry failover web1 --planned && ferry commit web1\n  ferry failback web1 && ferry complete web1 && ferry commit web1 && ferry reverse-replicate web1")]
+pub struct Cli {
+    /// ferry home (vault, local stores, dir-driver hosts)
+    #[arg(long, global = true, env = "FERRY_HOME")]
+    pub home: Option<PathBuf>,
+    /// Talk to a running `ferry serve` instead of an embedded installation
+    #[arg(long, global = true, env = "FERRY_SERVER")]
+    pub server: Option<String>,
+    /// Print exactly one JSON document on stdout
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Flags for commands that move data.
+#[derive(Args, Debug, Clone)]
+pub struct DataFlags {
+    /// Worker threads for reading, hashing and compressing (default: number of cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Cap on bytes transferred between sites per second, e.g. 100MiB/s
+    #[arg(long, value_parser = parse_bandwidth_arg)]
+    pub bandwidth: Option<u64>,
+}
+
+impl DataFlags {
+    fn opts(&self) -> RunOpts {
+        let mut o = RunOpts::default();
+        if let Some(t) = self.threads {
+            o.threads = t.max(1);
+        }
+        o.bandwidth = self.bandwidth;
+        o
+    }
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+fn parse_bandwidth_arg(s: &str) -> Result<u64, String> {
+    parse_bandwidth(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create the vault under --home (idempotent).
+    ///
+    /// Example: ferry --home /srv/ferry init
+    Init,
+    /// Manage sites (primary and recovery).
+    #[command(subcommand)]
+    Site(SiteCmd),
+    /// Manage hypervisor hosts.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Manage VMs on hosts.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Enable replication of a VM to a recovery site and take the first recovery point.
+    ///
+    /// Example: ferry protect web1 --to dr --rpo 5m --retention 24h
+    Protect {
+        /// VM to protect
+        vm: String,
+        /// Recovery site
+        #[arg(long)]
+        to: String,
+        /// Recovery-point objective (copy frequency target)
+        #[arg(long, default_value = "5m", value_parser = parse_duration_arg)]
+        rpo: Duration,
+        /// How long recovery points are kept (the newest is always kept)
+        #[arg(long, default_value = "24h", value_parser = parse_duration_arg)]
+        retention: Duration,
+        /// Change-detection block size
+        #[arg(long, default_value = "64KiB", value_parser = parse_size_arg)]
+        block_size: u64,
+        /// Encryption key file (not available in this version)
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Run one replication cycle now (a new recovery point).
+    ///
+    /// Example: ferry replicate web1
+    Replicate {
+        /// VM
+        vm: String,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// List recovery points of a VM, newest first.
+    Points {
+        /// VM
+        vm: String,
+    },
+    /// Fail a VM over to its recovery site.
+    ///
+    /// Example: ferry failover web1 --planned        (stops the primary, no data loss)
+    ///          ferry failover web1 --unplanned --point latest
+    Failover {
+        /// VM
+        vm: String,
+        /// Stop the primary VM and replicate its last changes first (default)
+        #[arg(long, conflicts_with_all = ["unplanned", "test"])]
+        planned: bool,
+        /// Recover from an existing point without touching the primary
+        #[arg(long, conflicts_with = "test")]
+        unplanned: bool,
+        /// Test failover on an isolated switch (not available in this version)
+        #[arg(long)]
+        test: bool,
+        /// Recovery point for --unplanned: latest or an id from `ferry points`
+        #[arg(long)]
+        point: Option<String>,
+        /// Recovery host (default: the first host of the recovery site)
+        #[arg(long)]
+        host: Option<String>,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Fail a VM back from the recovery site to the primary site (planned).
+    ///
+    /// Delta (default): phase 1 copies only differing blocks while the recovery VM runs; then
+    /// `ferry complete VM` shuts it down, moves the last changes and starts the primary VM.
+    /// Full: shuts the recovery VM down and downloads every block.
+    ///
+    /// Examples:
+    ///   ferry failback web1 --dry-run
+    ///   ferry failback web1 && ferry complete web1
+    ///   ferry failback web1 --sync full --host h3 --create-vm
+    Failback {
+        /// VM
+        vm: String,
+        /// delta or full
+        #[arg(long, value_parser = ["delta", "full"])]
+        sync: Option<String>,
+        /// Fail back to this (alternate) host instead of the original one
+        #[arg(long)]
+        host: Option<String>,
+        /// Create the VM on the target host if it does not exist
+        #[arg(long)]
+        create_vm: bool,
+        /// Encryption key file (not available in this version)
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Run phase 2 right after phase 1
+        #[arg(long)]
+        auto_complete: bool,
+        /// Report what would move and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// After the sync, re-read the primary disks and compare every block hash
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Phase 2 of a waiting failback: stop the recovery VM, move the last changes, start the primary.
+    Complete {
+        /// VM
+        vm: String,
+        /// After the sync, re-read the primary disks and compare every block hash
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Cancel the running or waiting job of a VM (returns once it stopped).
+    Cancel {
+        /// VM
+        vm: String,
+    },
+    /// Commit a failover, or a failback (deletes the recovery VM and its disks).
+    Commit {
+        /// VM
+        vm: String,
+    },
+    /// After a committed failback: protect the VM again, sending only the changes since.
+    ReverseReplicate {
+        /// VM
+        vm: String,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Lifecycle state of a VM (or of all protected VMs).
+    Status {
+        /// VM
+        vm: Option<String>,
+    },
+    /// List jobs (unfinished ones unless --all).
+    Jobs {
+        /// Include finished jobs
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show or watch one job.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Encryption keys (not available in this version).
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Read back every block of a recovery point and check it against its hash.
+    Verify {
+        /// VM
+        vm: String,
+        /// Point id (default: the newest)
+        #[arg(long)]
+        point: Option<i64>,
+        /// Encryption key file (not available in this version)
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Run the whole lifecycle on the embedded defaults and print a summary table.
+    ///
+    /// Example: ferry demo --disk-size 256MiB
+    Demo {
+        /// Folder for the demo installation (default: a new temporary folder)
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the demo VM's first disk (the second is a quarter of it)
+        #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
+        disk_size: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCmd {
+    /// Add a site. Example: ferry site add dr --role recovery
+    Add {
+        /// Site name
+        name: String,
+        /// primary or recovery
+        #[arg(long, value_parser = ["primary", "recovery"])]
+        role: String,
+        /// Store URL: file:///abs/dir (default: <home>/stores/NAME)
+        #[arg(long)]
+        store: Option<String>,
+    },
+    /// List sites.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCmd {
+    /// Add a host. Example: ferry host add h1 --site prim --driver dir --switch lan
+    Add {
+        /// Host name
+        name: String,
+        /// Site the host belongs to
+        #[arg(long)]
+        site: String,
+        /// dir (built in, no hypervisor) or qemu
+        #[arg(long, value_parser = ["dir", "qemu"])]
+        driver: String,
+        /// Folder for the host's VMs (default: <home>/hosts/NAME)
+        #[arg(long)]
+        root: Option<PathBuf>,
+        /// A virtual switch on the host (repeat for several)
+        #[arg(long = "switch")]
+        switches: Vec<String>,
+    },
+    /// List hosts.
+    List,
+    /// Show one host.
+    Show {
+        /// Host name
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// Create a VM. Example: ferry vm create web1 --host h1 --disk 4GiB --disk 512MiB --switch lan
+    Create {
+        /// VM name
+        name: String,
+        /// Host to create it on
+        #[arg(long)]
+        host: String,
+        /// Disk size (repeat for several disks)
+        #[arg(long = "disk", required = true, value_parser = parse_size_arg)]
+        disks: Vec<u64>,
+        /// Switch of a NIC (repeat for several NICs)
+        #[arg(long = "switch")]
+        switches: Vec<String>,
+        /// Virtual CPUs
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        /// Memory
+        #[arg(long, default_value = "512MiB", value_parser = parse_size_arg)]
+        memory: u64,
+    },
+    /// Start a VM (the active copy, or the copy on --host).
+    Start {
+        /// VM name
+        name: String,
+        /// Host of the copy to start
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Stop a VM (the active copy, or the copy on --host).
+    Stop {
+        /// VM name
+        name: String,
+        /// Host of the copy to stop
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// List VMs on all hosts.
+    List,
+    /// Show a VM (the active copy, or the copy on --host).
+    Show {
+        /// VM name
+        name: String,
+        /// Host of the copy to show
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// Show a job.
+    Show {
+        /// Job id
+        id: i64,
+    },
+    /// Follow a job until it ends or waits.
+    Watch {
+        /// Job id
+        id: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Create a new encryption key file.
+    New {
+        /// Key file
+        file: PathBuf,
+    },
+}
+
+fn home(cli: &Cli) -> PathBuf {
+    cli.home.clone().unwrap_or_else(crate::default_home)
+}
+
+fn open(cli: &Cli) -> Result<Engine> {
+    let mut e = Engine::open(&home(cli))?;
+    if output::show_progress(cli.json) {
+        let (obs, _bar) = output::progress_observer();
+        e.set_observer(obs);
+    }
+    Ok(e)
+}
+
+fn no_key(key: &Option<PathBuf>) -> Result<()> {
+    if key.is_some() {
+        bail!(
+            "encryption (--key) is not available in this version of ferry yet; run without --key"
+        );
+    }
+    Ok(())
+}
+
+fn vm_json(
+    e: &Engine,
+    host: &ferry_model::Host,
+    vm: &ferry_hypervisor::VmInfo,
+) -> serde_json::Value {
+    let _ = e;
+    json!({
+        "name": vm.name,
+        "host": host.name,
+        "site": host.site,
+        "driver": host.driver.as_str(),
+        "power": vm.power,
+        "cpus": vm.cpus,
+        "memory": vm.memory,
+        "disks": vm.disks.iter().map(|d| json!({
+            "index": d.index, "path": d.path, "size": d.size, "format": d.format, "consistent": d.consistent
+        })).collect::<Vec<_>>(),
+        "nics": vm.nics,
+    })
+}
+
+fn host_json(e: &Engine, h: &ferry_model::Host) -> serde_json::Value {
+    let connected = e
+        .driver(h)
+        .map(|d| d.check_connected().is_ok())
+        .unwrap_or(false);
+    json!({"name": h.name, "site": h.site, "driver": h.driver.as_str(), "root": h.root, "switches": h.switches, "connected": connected})
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(url) = &cli.server {
+        bail!("--server {url}: client mode is not available in this version; use an embedded installation with --home DIR");
+    }
+    let j = cli.json;
+    match &cli.cmd {
+        Cmd::Init => {
+            let h = home(&cli);
+            let e = Engine::init(&h)?;
+            if j {
+                output::json(&json!({"home": e.home, "vault": e.vault.path()}));
+            } else {
+                println!("ferry home ready at {}", e.home.display());
+            }
+        }
+        Cmd::Site(SiteCmd::Add { name, role, store }) => {
+            let e = open(&cli)?;
+            let role: SiteRole = role.parse().map_err(anyhow::Error::msg)?;
+            let s = e.add_site(name, role, store.clone())?;
+            if j {
+                output::json(&s)
+            } else {
+                println!("site {} ({}) store {}", s.name, s.role.as_str(), s.store)
+            }
+        }
+        Cmd::Site(SiteCmd::List) => {
+            let e = open(&cli)?;
+            let sites = e.vault.sites()?;
+            if j {
+                output::json(&sites)
+            } else {
+                for s in sites {
+                    println!("{:<16} {:<9} {}", s.name, s.role.as_str(), s.store)
+                }
+            }
+        }
+        Cmd::Host(HostCmd::Add {
+            name,
+            site,
+            driver,
+            root,
+            switches,
+        }) => {
+            let e = open(&cli)?;
+            let d: DriverKind = driver.parse().map_err(anyhow::Error::msg)?;
+            let h = e.add_host(name, site, d, root.clone(), switches.clone())?;
+            if j {
+                output::json(&host_json(&e, &h))
+            } else {
+                println!(
+                    "host {} at site {} ({} driver, root {})",
+                    h.name,
+                    h.site,
+                    h.driver.as_str(),
+                    h.root.display()
+                )
+            }
+        }
+        Cmd::Host(HostCmd::List) => {
+            let e = open(&cli)?;
+            let hosts: Vec<_> = e.vault.hosts()?.iter().map(|h| host_json(&e, h)).collect();
+            if j {
+                output::json(&hosts)
+            } else {
+                for h in hosts {
+                    println!(
+                        "{:<16} {:<12} {:<5} connected={} switches={}",
+                        h["name"].as_str().unwrap_or(""),
+                        h["site"].as_str().unwrap_or(""),
+                        h["driver"].as_str().unwrap_or(""),
+                        h["connected"],
+                        h["switches"]
+                    );
+                }
+            }
+        }
+        Cmd::Host(HostCmd::Show { name }) => {
+            let e = open(&cli)?;
+            let h = e.host(name)?;
+            output::json(&host_json(&e, &h));
+        }
+        Cmd::Vm(VmCmd::Create {
+            name,
+            host,
+            disks,
+            switches,
+            cpus,
+            memory,
+        }) => {
+            let e = open(&cli)?;
+            ferry_model::validate_name("VM", name)?;
+            let h = e.host(host)?;
+            let d = e.driver(&h)?;
+            d.check_connected()?;
+            let info = d.create_vm(&ferry_hypervisor::VmSpec {
+                name: name.clone(),
+                cpus: *cpus,
+                memory: *memory,
+                disks: disks.clone(),
+                nics: switches.clone(),
+            })?;
+            if j {
+                output::json(&vm_json(&e, &h, &info))
+            } else {
+                println!(
+                    "VM {} created on host {} ({} disks, stopped)",
+                    info.name,
+                    h.name,
+                    info.disks.len()
+                )
+            }
+        }
+        Cmd::Vm(VmCmd::Start { name, host }) | Cmd::Vm(VmCmd::Stop { name, host }) => {
+            let e = open(&cli)?;
+            let (h, _) = e.locate_vm(name, host.as_deref())?;
+            let d = e.driver(&h)?;
+            let start = matches!(cli.cmd, Cmd::Vm(VmCmd::Start { .. }));
+            if start {
+                d.start_vm(name)?
+            } else {
+                d.stop_vm(name)?
+            }
+            let info = d.get_vm(name)?.context("VM vanished")?;
+            if j {
+                output::json(&vm_json(&e, &h, &info))
+            } else {
+                println!(
+                    "VM {} on host {} is {}",
+                    name,
+                    h.name,
+                    if info.power == ferry_hypervisor::Power::Running {
+                        "running"
+                    } else {
+                        "stopped"
+                    }
+                )
+            }
+        }
+        Cmd::Vm(VmCmd::List) => {
+            let e = open(&cli)?;
+            let mut out = Vec::new();
+            for h in e.vault.hosts()? {
+                let d = e.driver(&h)?;
+                if d.check_connected().is_err() {
+                    continue;
+                }
+                for vm in d.list_vms()? {
+                    out.push(vm_json(&e, &h, &vm));
+                }
+            }
+            if j {
+                output::json(&out)
+            } else {
+                for v in out {
+                    println!(
+                        "{:<20} {:<12} {:<10} {:?} disks={}",
+                        v["name"].as_str().unwrap_or(""),
+                        v["host"].as_str().unwrap_or(""),
+                        v["site"].as_str().unwrap_or(""),
+                        v["power"].as_str().unwrap_or(""),
+                        v["disks"].as_array().map(|a| a.len()).unwrap_or(0)
+                    );
+                }
+            }
+        }
+        Cmd::Vm(VmCmd::Show { name, host }) => {
+            let e = open(&cli)?;
+            let (h, info) = e.locate_vm(name, host.as_deref())?;
+            output::json(&vm_json(&e, &h, &info));
+        }
+        Cmd::Protect {
+            vm,
+            to,
+            rpo,
+            retention,
+            block_size,
+            key,
+            data,
+        } => {
+            no_key(key)?;
+            let e = open(&cli)?;
+            let job = e.protect(vm, to, *rpo, *retention, *block_size, data.opts())?;
+            output::job(&job, j);
+        }
+        Cmd::Replicate { vm, data } => {
+            let e = open(&cli)?;
+            output::job(&e.replicate(vm, data.opts())?, j);
+        }
+        Cmd::Points { vm } => {
+            let e = open(&cli)?;
+            e.item(vm)?;
+            let pts = e.vault.points(vm)?;
+            if j {
+                output::json(&pts)
+            } else {
+                for p in pts {
+                    println!(
+                        "{:>6}  {}  {:<11} {} data",
+                        p.id,
+                        p.created_at,
+                        format!("{:?}", p.kind).to_lowercase(),
+                        ferry_model::format_bytes(p.data_bytes)
+                    );
+                }
+            }
+        }
+        Cmd::Failover {
+            vm,
+            planned: _,
+            unplanned,
+            test,
+            point,
+            host,
+            data,
+        } => {
+            if *test {
+                bail!("test failover is not available in this version of ferry yet");
+            }
+            let e = open(&cli)?;
+            let mode = if *unplanned {
+                FailoverMode::Unplanned
+            } else {
+                FailoverMode::Planned
+            };
+            let point = match point.as_deref() {
+                None | Some("latest") => None,
+                Some(id) => Some(id.parse::<i64>().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--point takes `latest` or a point id from `ferry points {vm}`, not {id:?}"
+                    )
+                })?),
+            };
+            if point.is_some() && mode == FailoverMode::Planned {
+                bail!("--point applies to unplanned failovers; add --unplanned");
+            }
+            output::job(
+                &e.failover(vm, mode, point, host.as_deref(), data.opts())?,
+                j,
+            );
+        }
+        Cmd::Failback {
+            vm,
+            sync,
+            host,
+            create_vm,
+            key,
+            auto_complete,
+            dry_run,
+            verify,
+            data,
+        } => {
+            no_key(key)?;
+            let e = open(&cli)?;
+            let sync = sync
+                .as_deref()
+                .map(|s| s.parse::<SyncMode>())
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let opts = FailbackOpts {
+                sync,
+                host: host.clone(),
+                create_vm: *create_vm,
+                auto_complete: *auto_complete,
+                dry_run: *dry_run,
+                verify: *verify,
+                run: Some(data.opts()),
+            };
+            if !dry_run && !j {
+                if let Ok((rec, why)) = e.failback_recommendation(vm, host.as_deref()) {
+                    eprintln!("recommendation: --sync {} ({why})", rec.as_str());
+                }
+            }
+            let (job, dry) = e.failback(vm, &opts)?;
+            if let Some(d) = dry {
+                if j {
+                    output::json(&d)
+                } else {
+                    println!(
+                        "dry run: failback of {} to host {} with --sync {}",
+                        d.vm,
+                        d.host,
+                        d.sync.as_str()
+                    );
+                    for x in &d.disks {
+                        println!(
+                            "  disk {}: {} of {} blocks differ ({})",
+                            x.index,
+                            x.blocks_to_move,
+                            x.blocks,
+                            ferry_model::format_bytes(x.bytes_to_move)
+                        );
+                    }
+                    println!(
+                        "would move {} in {} blocks; read {} to find out",
+                        ferry_model::format_bytes(d.bytes_to_move),
+                        d.blocks_to_move,
+                        ferry_model::format_bytes(d.bytes_read)
+                    );
+                    println!(
+                        "recommendation: --sync {} ({})",
+                        d.recommended_sync.as_str(),
+                        d.reason
+                    );
+                }
+            } else if let Some(job) = job {
+                output::job(&job, j);
+                if !j && job.state == JobState::Waiting {
+                    println!("phase 1 done; the recovery VM keeps running. Run `ferry complete {vm}` for phase 2 (or `ferry failback {vm}` for another pre-sync round).");
+                }
+            }
+        }
+        Cmd::Complete { vm, verify, data } => {
+            let e = open(&cli)?;
+            output::job(&e.complete(vm, data.opts(), *verify)?, j);
+        }
+        Cmd::Cancel { vm } => {
+            let e = open(&cli)?;
+            output::job(&e.cancel(vm)?, j);
+        }
+        Cmd::Commit { vm } => {
+            let e = open(&cli)?;
+            output::job(&e.commit(vm)?, j);
+        }
+        Cmd::ReverseReplicate { vm, data } => {
+            let e = open(&cli)?;
+            output::job(&e.reverse_replicate(vm, data.opts())?, j);
+        }
+        Cmd::Status { vm } => {
+            let e = open(&cli)?;
+            match vm {
+                Some(vm) => {
+                    let s = match e.vault.item(vm)? {
+                        Some(_) => serde_json::to_value(e.status(vm)?)?,
+                        None => {
+                            e.locate_vm(vm, None)?;
+                            json!({"vm": vm, "state": "unprotected", "active_site": "primary"})
+                        }
+                    };
+                    if j {
+                        output::json(&s)
+                    } else {
+                        println!(
+                            "{}: {} (active at the {} site)",
+                            vm,
+                            s["state"].as_str().unwrap_or(""),
+                            s["active_site"].as_str().unwrap_or("")
+                        );
+                        if let Some(job) = s.get("job").and_then(|v| {
+                            serde_json::from_value::<ferry_model::Job>(v.clone()).ok()
+                        }) {
+                            println!("  {}", output::job_line(&job));
+                        }
+                    }
+                }
+                None => {
+                    let all: Vec<_> = e
+                        .vault
+                        .items()?
+                        .iter()
+                        .map(|i| e.status(&i.vm))
+                        .collect::<Result<_>>()?;
+                    if j {
+                        output::json(&all)
+                    } else {
+                        for s in all {
+                            println!(
+                                "{:<20} {:<26} active={}",
+                                s.vm,
+                                s.state.as_str(),
+                                s.active_site
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Cmd::Jobs { all } => {
+            let e = open(&cli)?;
+            let jobs = e.vault.jobs(*all)?;
+            if j {
+                output::json(&jobs)
+            } else {
+                for job in jobs {
+                    println!("{}", output::job_line(&job));
+                }
+            }
+        }
+        Cmd::Job(JobCmd::Show { id }) => {
+            let e = open(&cli)?;
+            let job = e
+                .vault
+                .job(*id)?
+                .ok_or_else(|| anyhow::anyhow!("no job {id}; list jobs with `ferry jobs --all`"))?;
+            output::job(&job, j);
+        }
+        Cmd::Job(JobCmd::Watch { id }) => {
+            let e = open(&cli)?;
+            let bar = if output::show_progress(j) {
+                Some(output::progress_observer())
+            } else {
+                None
+            };
+            loop {
+                let job = e.vault.job(*id)?.ok_or_else(|| {
+                    anyhow::anyhow!("no job {id}; list jobs with `ferry jobs --all`")
+                })?;
+                if job.state != JobState::Running && job.state != JobState::Queued {
+                    if let Some((_, b)) = &bar {
+                        output::finish_bar(b);
+                    }
+                    output::job(&job, j);
+                    break;
+                }
+                if let Some((obs, _)) = &bar {
+                    obs(&job);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                // A job whose process died is settled by re-opening.
+                let _ = Engine::open(&home(&cli))?;
+            }
+        }
+        Cmd::Key(KeyCmd::New { .. }) => {
+            bail!("encryption keys are not available in this version of ferry yet")
+        }
+        Cmd::Verify { vm, point, key } => {
+            no_key(key)?;
+            let e = open(&cli)?;
+            let r = e.verify(vm, *point)?;
+            if j {
+                output::json(&r)
+            } else {
+                println!(
+                    "point {} of {}: {} blocks ({}) read back and verified",
+                    r.point,
+                    r.vm,
+                    r.blocks,
+                    ferry_model::format_bytes(r.bytes)
+                );
+            }
+        }
+        Cmd::Demo { dir, disk_size } => crate::demo::run(dir.clone(), *disk_size, j)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! `ferry demo`: the whole lifecycle on the embedded defaults, with a summary table.
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ferry_engine::{Engine, FailbackOpts, FailoverMode, RunOpts};
+use ferry_model::{format_bytes, DriverKind, Job, SiteRole};
+use rand::{Rng, RngCore, SeedableRng};
+use serde_json::json;
+
+use crate::output;
+
+const VM: &str = "app1";
+
+/// Writes `fraction` of the 64 KiB blocks of a disk as a guest would: text-like, binary and
+/// zeroed blocks, deterministic from `seed`.
+fn guest_writes(path: &Path, fraction: f64, seed: u64) -> Result<u64> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let size = f.metadata()?.len();
+    let bs = 65536u64;
+    let blocks = size.div_ceil(bs);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n = ((blocks as f64) * fraction).ceil() as u64;
+    let words: &[&[u8]] = &[
+        b"ferry ",
+        b"replica ",
+        b"block ",
+        b"failback ",
+        b"journal ",
+        b"site ",
+        b"2026-11-26 ",
+        b"INFO ",
+        b"commit\n",
+    ];
+    let mut written = 0;
+    let mut buf = vec![0u8; bs as usize];
+    for _ in 0..n {
+        let b = rng.gen_range(0..blocks);
+        let len = (size - b * bs).min(bs) as usize;
+        match rng.gen_range(0..10) {
+            0..=4 => {
+                let mut p = 0;
+                while p < len {
+                    let w = words[rng.gen_range(0..words.len())];
+                    let k = w.len().min(len - p);
+                    buf[p..p + k].copy_from_slice(&w[..k]);
+                    p += k;
+                }
+            }
+            5..=8 => rng.fill_bytes(&mut buf[..len]),
+            _ => buf[..len].fill(0),
+        }
+        f.write_all_at(&buf[..len], b * bs)?;
+        written += len as u64;
+    }
+    f.sync_all()?;
+    Ok(written)
+}
+
+fn disk_paths(e: &Engine, host: Option<&str>) -> Result<Vec<PathBuf>> {
+    let (_, info) = e.locate_vm(VM, host)?;
+    Ok(info.disks.into_iter().map(|d| d.path).collect())
+}
+
+fn identical(a: &Path, b: &Path) -> Result<bool> {
+    let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    let (la, lb) = (fa.metadata()?.len(), fb.metadata()?.len());
+    if la != lb {
+        return Ok(false);
+    }
+    let mut ba = vec![0u8; 4 << 20];
+    let mut bb = vec![0u8; 4 << 20];
+    let mut off = 0;
+    while off < la {
+        let n = (la - off).min(ba.len() as u64) as usize;
+        fa.read_exact_at(&mut ba[..n], off)?;
+        fb.read_exact_at(&mut bb[..n], off)?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
+}
+
+struct Row {
+    what: String,
+    job: Job,
+    secs: f64,
+}
+
+/// Runs the demo.
+pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
+    if disk_size < 1 << 20 {
+        bail!("--disk-size must be at least 1MiB");
+    }
+    let _tmp;
+    let dir = match dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+        None => {
+            _tmp = tempdir()?;
+            _tmp.0.clone()
+        }
+    };
+    let home = dir.join("home");
+    if home.join(ferry_vault::VAULT_FILE).exists() {
+        bail!(
+            "{} already holds a ferry installation; pass an empty --dir",
+            home.display()
+        );
+    }
+    let say = |s: &str| {
+        if !as_json {
+            println!("==> {s}");
+        }
+    };
+    let mut e = Engine::init(&home)?;
+    if output::show_progress(as_json) {
+        let (obs, _) = output::progress_observer();
+        e.set_observer(obs);
+    }
+    say(&format!("installation in {}", home.display()));
+    e.add_site("onprem", SiteRole::Primary, None)?;
+    e.add_site("cloud", SiteRole::Recovery, None)?;
+    e.add_host(
+        "hv1",
+        "onprem",
+        DriverKind::Dir,
+        None,
+        vec!["lan".into(), "dmz".into()],
+    )?;
+    e.add_host(
+        "dr1",
+        "cloud",
+        DriverKind::Dir,
+        None,
+        vec!["lan".into(), "dmz".into()],
+    )?;
+    let h = e.host("hv1")?;
+    let d = e.driver(&h)?;
+    d.create_vm(&ferry_hypervisor::VmSpec {
+        name: VM.into(),
+        cpus: 2,
+        memory: 2 << 30,
+        disks: vec![disk_size, (disk_size / 4).max(1 << 20) + 12345],
+        nics: vec!["lan".into(), "dmz".into()],
+    })?;
+    say(&format!(
+        "VM {VM} on hv1: disks of {} and {}; writing realistic content",
+        format_bytes(disk_size),
+        format_bytes((disk_size / 4).max(1 << 20) + 12345)
+    ));
+    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
+        guest_writes(p, 0.7, 1 + i as u64)?;
+    }
+    d.start_vm(VM)?;
+    let opts = RunOpts::default();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut timed = |what: &str, f: &mut dyn FnMut() -> Result<Job>| -> Result<()> {
+        say(what);
+        let t = Instant::now();
+        let job = f()?;
+        rows.push(Row {
+            what: what.into(),
+            job,
+            secs: t.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    };
+    timed(
+        "protect to the cloud site (initial replication)",
+        &mut || {
+            e.protect(
+                VM,
+                "cloud",
+                std::time::Duration::from_secs(300),
+                std::time::Duration::from_secs(86400),
+                65536,
+                opts,
+            )
+        },
+    )?;
+    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
+        guest_writes(p, 0.02, 10 + i as u64)?;
+    }
+    timed("replicate (2% of blocks changed)", &mut || {
+        e.replicate(VM, opts)
+    })?;
+    timed("planned failover to dr1", &mut || {
+        e.failover(VM, FailoverMode::Planned, None, None, opts)
+    })?;
+    timed("commit failover", &mut || e.commit(VM))?;
+    say("the VM runs in the cloud for a while: 5% of its blocks change, one block is zeroed");
+    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
+        guest_writes(p, 0.05, 20 + i as u64)?;
+        let f = std::fs::OpenOptions::new().write(true).open(p)?;
+        f.write_all_at(&[0u8; 65536], 0)?;
+    }
+    let rec = e
+        .failback(
+            VM,
+            &FailbackOpts {
+                dry_run: true,
+                run: Some(opts),
+                ..Default::default()
+            },
+        )?
+        .1
+        .context("dry run")?;
+    say(&format!(
+        "dry run: {} would move ({} blocks); recommended --sync {} ({})",
+        format_bytes(rec.bytes_to_move),
+        rec.blocks_to_move,
+        rec.recommended_sync.as_str(),
+        rec.reason
+    ));
+    timed(
+        "failback phase 1 (delta, recovery VM keeps running)",
+        &mut || {
+            Ok(e.failback(
+                VM,
+                &FailbackOpts {
+                    run: Some(opts),
+                    ..Default::default()
+                },
+            )?
+            .0
+            .context("job")?)
+        },
+    )?;
+    say("more guest writes between phase 1 and complete (0.5%)");
+    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
+        guest_writes(p, 0.005, 30 + i as u64)?;
+    }
+    let recovery = disk_paths(&e, None)?;
+    timed(
+        "complete: phase 2 (stop recovery VM, last delta, start primary)",
+        &mut || e.complete(VM, opts, false),
+    )?;
+    let primary = disk_paths(&e, Some("hv1"))?;
+    let mut same = true;
+    for (a, b) in recovery.iter().zip(&primary) {
+        same &= identical(a, b)?;
+    }
+    if !same {
+        bail!("the primary disks differ from the recovery disks after the failback — this is a bug, please report it");
+    }
+    say("verified: primary disks are bit-identical to the recovery disks at shutdown");
+    timed("commit failback (recovery VM deleted)", &mut || {
+        e.commit(VM)
+    })?;
+    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
+        guest_writes(p, 0.01, 40 + i as u64)?;
+    }
+    timed("reverse replicate (1% changed since failback)", &mut || {
+        e.reverse_replicate(VM, opts)
+    })?;
+    let state = e.status(VM)?;
+    if as_json {
+        output::json(&json!({
+            "dir": dir,
+            "state": state.state,
+            "bit_identical": same,
+            "steps": rows.iter().map(|r| json!({"step": r.what, "job": r.job, "seconds": r.secs})).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!();
+        println!(
+            "{:<66} {:>10} {:>12} {:>10} {:>8} {:>9}",
+            "step", "read", "transferred", "written", "time", "downtime"
+        );
+        for r in &rows {
+            println!(
+                "{:<66} {:>10} {:>12} {:>10} {:>7.2}s {:>9}",
+                r.what,
+                format_bytes(r.job.bytes_read),
+                format_bytes(r.job.bytes_transferred),
+                format_bytes(r.job.bytes_written),
+                r.secs,
+                r.job
+                    .downtime_ms
+                    .map(|d| format!("{d} ms"))
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+        println!();
+        println!(
+            "{VM} is {} again, active at the {} site; primary disks verified bit-identical.",
+            state.state, state.active_site
+        );
+        println!(
+            "Explore it: ferry --home {} status {VM}   (or `jobs --all`, `points {VM}`)",
+            home.display()
+        );
+    }
+    Ok(())
+}
+
+/// A temporary folder removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Result<TempDir> {
+    let base = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    Ok(TempDir(base))
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests: drive the real `ferry` binary exactly as /work/shared/CLI.md specifies.
+//! One test binary (faster links); one module per area.
+
+mod harness;
+mod harness_selftest;
+
+mod cli;
+mod failback_rules;
+mod faults;
+mod jobs;
+mod lifecycle;
+mod setup;
