@@ -72,12 +72,18 @@ pub enum Cmd {
     /// Example: ferry --home /srv/ferry init
     Init,
     /// Manage sites (primary and recovery).
+    ///
+    /// Example: ferry site add dr --role recovery
     #[command(subcommand)]
     Site(SiteCmd),
     /// Manage hypervisor hosts.
+    ///
+    /// Example: ferry host add h1 --site prim --driver dir --switch lan
     #[command(subcommand)]
     Host(HostCmd),
     /// Manage VMs on hosts.
+    ///
+    /// Example: ferry vm create web1 --host h1 --disk 4GiB --switch lan
     #[command(subcommand)]
     Vm(VmCmd),
     /// Enable replication of a VM to a recovery site and take the first recovery point.
@@ -114,6 +120,8 @@ pub enum Cmd {
         data: DataFlags,
     },
     /// List recovery points of a VM, newest first.
+    ///
+    /// Example: ferry points web1 --json
     Points {
         /// VM
         vm: String,
@@ -181,6 +189,10 @@ pub enum Cmd {
         data: DataFlags,
     },
     /// Phase 2 of a waiting failback: stop the recovery VM, move the last changes, start the primary.
+    ///
+    /// The downtime of the VM is this command's stop → start window; it is shown in the job.
+    ///
+    /// Example: ferry complete web1
     Complete {
         /// VM
         vm: String,
@@ -191,16 +203,25 @@ pub enum Cmd {
         data: DataFlags,
     },
     /// Cancel the running or waiting job of a VM (returns once it stopped).
+    ///
+    /// A cancelled failback leaves the primary disks marked inconsistent (they refuse to start);
+    /// running `ferry failback VM` again continues the same job where it stopped.
+    ///
+    /// Example: ferry cancel web1
     Cancel {
         /// VM
         vm: String,
     },
     /// Commit a failover, or a failback (deletes the recovery VM and its disks).
+    ///
+    /// Example: ferry commit web1
     Commit {
         /// VM
         vm: String,
     },
     /// After a committed failback: protect the VM again, sending only the changes since.
+    ///
+    /// Example: ferry reverse-replicate web1
     ReverseReplicate {
         /// VM
         vm: String,
@@ -208,23 +229,31 @@ pub enum Cmd {
         data: DataFlags,
     },
     /// Lifecycle state of a VM (or of all protected VMs).
+    ///
+    /// Example: ferry status web1 --json
     Status {
         /// VM
         vm: Option<String>,
     },
     /// List jobs (unfinished ones unless --all).
+    ///
+    /// Example: ferry jobs --all
     Jobs {
         /// Include finished jobs
         #[arg(long)]
         all: bool,
     },
     /// Show or watch one job.
+    ///
+    /// Example: ferry job watch 7
     #[command(subcommand)]
     Job(JobCmd),
     /// Encryption keys (not available in this version).
     #[command(subcommand)]
     Key(KeyCmd),
     /// Read back every block of a recovery point and check it against its hash.
+    ///
+    /// Example: ferry verify web1 --point 3
     Verify {
         /// VM
         vm: String,
@@ -372,6 +401,7 @@ fn home(cli: &Cli) -> PathBuf {
 
 fn open(cli: &Cli) -> Result<Engine> {
     let mut e = Engine::open(&home(cli))?;
+    e.set_notify(std::sync::Arc::new(|s: &str| eprintln!("{s}")));
     if output::show_progress(cli.json) {
         let (obs, _bar) = output::progress_observer();
         e.set_observer(obs);
@@ -685,11 +715,6 @@ pub fn run(cli: Cli) -> Result<()> {
                 verify: *verify,
                 run: Some(data.opts()),
             };
-            if !dry_run && !j {
-                if let Ok((rec, why)) = e.failback_recommendation(vm, host.as_deref()) {
-                    eprintln!("recommendation: --sync {} ({why})", rec.as_str());
-                }
-            }
             let (job, dry) = e.failback(vm, &opts)?;
             if let Some(d) = dry {
                 if j {

@@ -166,7 +166,13 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
     let mut timed = |what: &str, f: &mut dyn FnMut() -> Result<Job>| -> Result<()> {
         say(what);
         let t = Instant::now();
-        let job = f()?;
+        let mut job = f()?;
+        // A continued job (complete) carries the earlier runs' counters: show this run's share.
+        if let Some(prev) = rows.iter().rev().find(|r| r.job.id == job.id) {
+            job.bytes_read -= prev.job.bytes_read.min(job.bytes_read);
+            job.bytes_transferred -= prev.job.bytes_transferred.min(job.bytes_transferred);
+            job.bytes_written -= prev.job.bytes_written.min(job.bytes_written);
+        }
         rows.push(Row {
             what: what.into(),
             job,
@@ -224,7 +230,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
     timed(
         "failback phase 1 (delta, recovery VM keeps running)",
         &mut || {
-            Ok(e.failback(
+            e.failback(
                 VM,
                 &FailbackOpts {
                     run: Some(opts),
@@ -232,7 +238,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
                 },
             )?
             .0
-            .context("job")?)
+            .context("job")
         },
     )?;
     say("more guest writes between phase 1 and complete (0.5%)");

@@ -287,6 +287,7 @@ fn failback_refused_for_unreadable_disk_format() {
 }
 
 #[test]
+#[ignore = "encryption (--key) is issue 4: cloud stores and encryption"]
 fn failback_of_encrypted_replication_needs_the_right_key() {
     let f = Ferry::new();
     f.setup_two_sites(&["lan"]);

@@ -158,7 +158,10 @@ impl JobRun {
             let vault = Vault::open(&home).ok();
             let mut last_save = Instant::now();
             while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::park_timeout(Duration::from_millis(100));
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let snap = snapshot(&shared, &ctx, base, &cur);
                 if let Some(o) = &observer {
                     o(&snap);
@@ -246,6 +249,7 @@ impl JobRun {
     ) -> anyhow::Result<Job> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.reporter.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
         self.fold_step();
@@ -270,6 +274,7 @@ impl Drop for JobRun {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.reporter.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
     }

@@ -82,7 +82,11 @@ pub struct Engine {
     /// The vault connection.
     pub vault: Vault,
     observer: Option<Observer>,
+    notify: Option<Notify>,
 }
+
+/// Receives one-line notes for the operator (e.g. the failback recommendation).
+pub type Notify = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl Engine {
     /// Creates (idempotently) an installation at `home`.
@@ -96,6 +100,7 @@ impl Engine {
             home: home.to_path_buf(),
             vault,
             observer: None,
+            notify: None,
         })
     }
 
@@ -106,6 +111,7 @@ impl Engine {
             home: home.to_path_buf(),
             vault,
             observer: None,
+            notify: None,
         };
         e.reconcile()?;
         Ok(e)
@@ -114,6 +120,17 @@ impl Engine {
     /// Receives job snapshots while jobs run (for progress bars).
     pub fn set_observer(&mut self, o: Observer) {
         self.observer = Some(o);
+    }
+
+    /// Receives notes for the operator once a command's checks passed.
+    pub fn set_notify(&mut self, n: Notify) {
+        self.notify = Some(n);
+    }
+
+    pub(crate) fn note(&self, s: &str) {
+        if let Some(n) = &self.notify {
+            n(s);
+        }
     }
 
     // ---- inventory ----
@@ -217,7 +234,7 @@ impl Engine {
     pub fn item(&self, vm: &str) -> Result<ProtectedItem> {
         ferry_model::validate_name("VM", vm)?;
         self.vault.item(vm)?.ok_or_else(|| {
-            anyhow!("VM {vm} is not protected; protect it with `ferry protect {vm} --to SITE`")
+            anyhow!("VM {vm} is unprotected; protect it first with `ferry protect {vm} --to SITE`")
         })
     }
 

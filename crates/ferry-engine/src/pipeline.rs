@@ -2,7 +2,6 @@
 //!
 //! Memory is bounded by the number of chunks in flight (a token is taken per chunk read and
 //! given back once the consumer is done with it), never by the disk size.
-use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
@@ -15,7 +14,9 @@ use crate::jobs::{Cancelled, JobCtx};
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
 /// Bytes of pending target writes collected before one durable commit.
-const WRITE_BATCH: usize = 32 << 20;
+const WRITE_BATCH: usize = 16 << 20;
+/// Longest time moved blocks wait in memory before a durable commit (bounds what a crash loses).
+const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A block the pipeline decided to move.
 struct Moved {
@@ -59,8 +60,6 @@ pub struct PassSpec<'a> {
     pub write: Option<(&'a dyn BlockDevice, &'a mut MapJournal)>,
     /// Count moved payload as crossing sites (`bytes_transferred`).
     pub crosses_sites: bool,
-    /// Only visit these block ranges (None: the whole disk).
-    pub only: Option<Vec<Range<u64>>>,
 }
 
 /// Outcome of a pass.
@@ -87,15 +86,12 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         nblocks
     );
     let data_ranges = spec.src.data_ranges().context("listing allocated ranges")?;
-    let visit: Vec<Range<u64>> = spec.only.clone().unwrap_or_else(|| vec![0..nblocks]);
     let mut chunks: Vec<(u64, u64)> = Vec::new();
-    for r in &visit {
-        let mut b = r.start;
-        while b < r.end {
-            let n = (r.end - b).min(CHUNK_BLOCKS - b % CHUNK_BLOCKS);
-            chunks.push((b, n));
-            b += n;
-        }
+    let mut b = 0;
+    while b < nblocks {
+        let n = (nblocks - b).min(CHUNK_BLOCKS);
+        chunks.push((b, n));
+        b += n;
     }
     let threads = ctx.threads.max(1);
     let inflight = threads * 4 + 4;
@@ -182,6 +178,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
             .map(|st| PackWriter::new(st.clone(), 32 << 20));
         let mut batch: Vec<(u64, Hash, Vec<u8>)> = Vec::new();
         let mut batch_bytes = 0usize;
+        let mut last_commit = std::time::Instant::now();
         let mut failure: Option<anyhow::Error> = None;
         for r in out_rx.iter() {
             let c = match r {
@@ -221,9 +218,12 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         }
                     }
                     if let Some((dev, journal)) = write.as_mut() {
-                        if batch_bytes >= WRITE_BATCH {
+                        if batch_bytes >= WRITE_BATCH
+                            || (!batch.is_empty() && last_commit.elapsed() >= WRITE_INTERVAL)
+                        {
                             commit_batch(ctx, *dev, journal, &map, &mut batch)?;
                             batch_bytes = 0;
+                            last_commit = std::time::Instant::now();
                         }
                     }
                     Ok(())

@@ -201,6 +201,12 @@ pub fn recommend(
     failed_over_for: Option<Duration>,
     changed_fraction: Option<f64>,
 ) -> (SyncMode, String) {
+    if !target_exists {
+        return (
+            SyncMode::Full,
+            "the primary VM does not exist on the target host: every block must be downloaded anyway, so a full download (no checksum pass) is recommended".into(),
+        );
+    }
     if let Some(f) = changed_fraction {
         return if f > 0.6 {
             (
@@ -213,12 +219,6 @@ pub fn recommend(
         } else {
             (SyncMode::Delta, format!("only {:.1}% of the blocks differ: a delta sync moves just those while the VM keeps running", f * 100.0))
         };
-    }
-    if !target_exists {
-        return (
-            SyncMode::Delta,
-            "the primary VM does not exist: it will be created with empty disks, so a delta sync moves only the recovery VM's data and keeps the final downtime short".into(),
-        );
     }
     match failed_over_for {
         Some(d) if d > Duration::from_secs(30 * 86_400) => (
@@ -508,7 +508,6 @@ impl Engine {
                         store: Some(store.clone()),
                         write: None,
                         crosses_sites: true,
-                        only: None,
                     },
                 )?
                 .map
@@ -808,8 +807,8 @@ impl Engine {
             }
         }
         if let (Some(p), Some(s)) = (&prev, o.sync) {
-            if in_phase2 && p.sync != Some(s) && p.sync.is_some() {
-                bail!("VM {vm} is in the middle of the final {} sync; resume it with `ferry failback {vm}` (without --sync)", p.sync.unwrap());
+            if let (true, Some(was)) = (in_phase2, p.sync.filter(|w| *w != s)) {
+                bail!("VM {vm} is in the middle of the final {} sync; resume it with `ferry failback {vm}` (without --sync)", was);
             }
         }
         let target_name = o
@@ -902,6 +901,8 @@ impl Engine {
         }
 
         // Everything checked: from here on things change.
+        let (rec, why) = recommend(tinfo.is_some(), failed_for, None);
+        self.note(&format!("recommendation: --sync {} ({why})", rec.as_str()));
         let (run, mut params) = match (&prev, item.job) {
             (Some(p), Some(id)) => {
                 let mut p = p.clone();
@@ -1105,7 +1106,6 @@ impl Engine {
                         store: None,
                         write: None,
                         crosses_sites: false,
-                        only: None,
                     },
                 )?;
                 self.save_map(vm, Copy::Primary, d.index, &scanned.map)?;
@@ -1127,6 +1127,7 @@ impl Engine {
 
     /// Moves every differing block of the recovery disks to the target disks (journaled), and
     /// returns the recovery disks' maps.
+    #[allow(clippy::too_many_arguments)]
     fn sync_disks(
         &self,
         run: &JobRun,
@@ -1154,7 +1155,6 @@ impl Engine {
                     store: Some(store.clone()),
                     write: Some((dst.as_ref(), &mut journal)),
                     crosses_sites: true,
-                    only: None,
                 },
             )?;
             maps.push(r.map);
@@ -1258,7 +1258,6 @@ impl Engine {
                         store: None,
                         write: None,
                         crosses_sites: false,
-                        only: None,
                     },
                 )?;
                 if check.blocks_moved > 0 {
@@ -1401,7 +1400,6 @@ impl Engine {
                                     store: None,
                                     write: None,
                                     crosses_sites: false,
-                                    only: None,
                                 },
                             )?
                             .map
@@ -1424,7 +1422,6 @@ impl Engine {
                     store: None,
                     write: None,
                     crosses_sites: false,
-                    only: None,
                 },
             )?;
             disks.push(DryRunDisk {
@@ -1629,6 +1626,6 @@ mod tests {
             recommend(true, Some(Duration::from_secs(3600)), None).0,
             SyncMode::Delta
         );
-        assert!(recommend(false, None, None).1.contains("does not exist"));
+        assert_eq!(recommend(false, None, None).0, SyncMode::Full);
     }
 }

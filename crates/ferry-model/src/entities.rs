@@ -282,8 +282,7 @@ pub struct Job {
     pub bytes_written: u64,
     /// RFC 3339 start time.
     pub started_at: String,
-    /// RFC 3339 end time, once final.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// RFC 3339 end time, once final (null before).
     pub ended_at: Option<String>,
     /// Error message of a failed or cancelled job.
     #[serde(skip_serializing_if = "Option::is_none")]
