@@ -1,9 +1,14 @@
 //! A crash-safe record of what ferry wrote to a target disk.
 //!
-//! Before a batch of blocks is written the journal records an *intent* (those blocks become
-//! [`UNKNOWN`]); after the data is durable it records their new hashes. Replaying the journal
-//! over the map the disk had before gives a map that is never wrong: a block is either known
-//! exactly or unknown (and then re-sent).
+//! - Before blocks whose content was known are overwritten, a durable *intent* marks them
+//!   [`UNKNOWN`] (blocks already unknown need none).
+//! - After the data is written (not yet durable) a *done* record carries their new hashes.
+//! - After the disk was flushed, a durable *sync* record says "every done record before byte N
+//!   of this journal is durable".
+//!
+//! Replaying the journal over the map the disk had before gives a map that is never wrong: a
+//! block is either known exactly or unknown (and then re-sent). Done records without a later
+//! sync are ignored, so flushing the disk is needed only now and then, not per batch.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,12 +17,14 @@ use crate::{io_err, BlockError, BlockMap, Hash, Result, UNKNOWN};
 
 const INTENT: u8 = 1;
 const DONE: u8 = 2;
+const SYNC: u8 = 3;
 
 /// Append-only journal of writes to one disk.
 #[derive(Debug)]
 pub struct MapJournal {
     file: File,
     path: PathBuf,
+    len: u64,
 }
 
 impl MapJournal {
@@ -28,9 +35,11 @@ impl MapJournal {
             .append(true)
             .open(path)
             .map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
         Ok(MapJournal {
             file,
             path: path.to_path_buf(),
+            len,
         })
     }
 
@@ -40,7 +49,7 @@ impl MapJournal {
         rec.push(INTENT);
         rec.extend_from_slice(&start.to_le_bytes());
         rec.extend_from_slice(&count.to_le_bytes());
-        self.append(&rec)
+        self.append(&rec, true)
     }
 
     /// Records the hashes now durably stored in blocks `start..start+hashes.len()`.
@@ -52,7 +61,8 @@ impl MapJournal {
         for h in hashes {
             rec.extend_from_slice(h);
         }
-        self.append(&rec)
+        self.append(&rec, true)?;
+        self.sync()
     }
 
     /// Records several intents with one flush: `(start, count)` each.
@@ -63,10 +73,13 @@ impl MapJournal {
             rec.extend_from_slice(&start.to_le_bytes());
             rec.extend_from_slice(&count.to_le_bytes());
         }
-        self.append(&rec)
+        if rec.is_empty() {
+            return Ok(());
+        }
+        self.append(&rec, true)
     }
 
-    /// Records several finished runs with one flush: `(start, hashes)` each.
+    /// Records several written runs `(start, hashes)`; they count only after a later [`Self::sync`].
     pub fn done_many(&mut self, runs: &[(u64, Vec<Hash>)]) -> Result<()> {
         let mut rec = Vec::new();
         for (start, hashes) in runs {
@@ -77,7 +90,15 @@ impl MapJournal {
                 rec.extend_from_slice(h);
             }
         }
-        self.append(&rec)
+        self.append(&rec, false)
+    }
+
+    /// Declares every earlier record durable; call it right after flushing the disk.
+    pub fn sync(&mut self) -> Result<()> {
+        let mut rec = vec![SYNC];
+        rec.extend_from_slice(&self.len.to_le_bytes());
+        rec.extend_from_slice(&0u64.to_le_bytes());
+        self.append(&rec, true)
     }
 
     /// Empties the journal (after its effect was saved into the map file).
@@ -89,9 +110,13 @@ impl MapJournal {
         }
     }
 
-    fn append(&mut self, rec: &[u8]) -> Result<()> {
+    fn append(&mut self, rec: &[u8], durable: bool) -> Result<()> {
         self.file.write_all(rec).map_err(io_err(&self.path))?;
-        self.file.sync_data().map_err(io_err(&self.path))
+        self.len += rec.len() as u64;
+        if durable {
+            self.file.sync_data().map_err(io_err(&self.path))?;
+        }
+        Ok(())
     }
 
     /// Applies the journal at `path` (if any) to `map`. A torn last record is ignored:
@@ -102,13 +127,34 @@ impl MapJournal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err(path)(e)),
         };
+        // First pass: how far done records are covered by a sync record.
+        let mut synced_upto = 0u64;
         let mut pos = 0;
         while pos + 17 <= b.len() {
+            let tag = b[pos];
+            let a = u64::from_le_bytes(b[pos + 1..pos + 9].try_into().unwrap());
+            let count = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap()) as usize;
+            match tag {
+                SYNC => synced_upto = a,
+                DONE => {
+                    if pos + 17 + count * 32 > b.len() {
+                        break;
+                    }
+                    pos += count * 32;
+                }
+                INTENT => {}
+                _ => break,
+            }
+            pos += 17;
+        }
+        let mut pos = 0;
+        while pos + 17 <= b.len() {
+            let rec_start = pos as u64;
             let tag = b[pos];
             let start = u64::from_le_bytes(b[pos + 1..pos + 9].try_into().unwrap()) as usize;
             let count = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap()) as usize;
             pos += 17;
-            if start + count > map.hashes.len() {
+            if tag != SYNC && start + count > map.hashes.len() {
                 return Err(BlockError::Format(format!(
                     "{}: journal names blocks beyond the disk",
                     path.display()
@@ -120,11 +166,14 @@ impl MapJournal {
                     if pos + count * 32 > b.len() {
                         break; // torn record
                     }
-                    for (k, c) in b[pos..pos + count * 32].chunks_exact(32).enumerate() {
-                        map.hashes[start + k] = c.try_into().unwrap();
+                    if rec_start < synced_upto {
+                        for (k, c) in b[pos..pos + count * 32].chunks_exact(32).enumerate() {
+                            map.hashes[start + k] = c.try_into().unwrap();
+                        }
                     }
                     pos += count * 32;
                 }
+                SYNC => {}
                 _ => {
                     return Err(BlockError::Format(format!(
                         "{}: not a ferry journal",
@@ -156,6 +205,21 @@ mod tests {
         assert_eq!(m.hashes[1], [6; 32]);
         assert_eq!(m.hashes[2], crate::ZERO);
         assert_eq!(m.hashes[3], UNKNOWN);
+        // Done records count only once a sync record covers them.
+        let mut j = MapJournal::open(&p).unwrap();
+        j.done_many(&[(2, vec![[7; 32]])]).unwrap();
+        drop(j);
+        MapJournal::replay(&p, &mut m).unwrap();
+        assert_eq!(m.hashes[2], crate::ZERO, "unsynced done record ignored");
+        let mut j = MapJournal::open(&p).unwrap();
+        j.sync().unwrap();
+        j.done_many(&[(4, vec![[8; 32]])]).unwrap();
+        drop(j);
+        let mut m = BlockMap::zeros(5 * 4096, 4096);
+        MapJournal::replay(&p, &mut m).unwrap();
+        assert_eq!(m.hashes[2], [7; 32]);
+        assert_eq!(m.hashes[3], UNKNOWN);
+        assert_eq!(m.hashes[4], crate::ZERO, "done after the last sync ignored");
         // A torn trailing record is ignored.
         let mut b = std::fs::read(&p).unwrap();
         b.extend_from_slice(&[DONE, 4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9]);

@@ -13,10 +13,12 @@ use crate::jobs::{Cancelled, JobCtx};
 
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
-/// Bytes of pending target writes collected before one durable commit.
+/// Bytes of pending target writes collected before they are written out.
 const WRITE_BATCH: usize = 16 << 20;
-/// Longest time moved blocks wait in memory before a durable commit (bounds what a crash loses).
-const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Longest time between disk flushes (bounds what a crash makes ferry re-send).
+const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Most bytes written between disk flushes.
+const SYNC_BYTES: u64 = 256 << 20;
 
 /// A block the pipeline decided to move.
 struct Moved {
@@ -160,7 +162,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
             s.spawn(move || {
                 let mut comp = zstd::bulk::Compressor::new(1).expect("zstd");
                 for c in work_rx.iter() {
-                    let out = hash_chunk(&c, bs, &target, store.as_deref(), writes, &mut comp);
+                    let out = hash_chunk(c, bs, &target, store.as_deref(), writes, &mut comp);
                     if out_tx.send(Ok(out)).is_err() {
                         break;
                     }
@@ -178,7 +180,8 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
             .map(|st| PackWriter::new(st.clone(), 32 << 20));
         let mut batch: Vec<(u64, Hash, Vec<u8>)> = Vec::new();
         let mut batch_bytes = 0usize;
-        let mut last_commit = std::time::Instant::now();
+        let mut unsynced = 0u64;
+        let mut last_sync = std::time::Instant::now();
         let mut failure: Option<anyhow::Error> = None;
         for r in out_rx.iter() {
             let c = match r {
@@ -218,12 +221,17 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         }
                     }
                     if let Some((dev, journal)) = write.as_mut() {
-                        if batch_bytes >= WRITE_BATCH
-                            || (!batch.is_empty() && last_commit.elapsed() >= WRITE_INTERVAL)
-                        {
-                            commit_batch(ctx, *dev, journal, &map, &mut batch)?;
+                        let due = last_sync.elapsed() >= SYNC_INTERVAL;
+                        if batch_bytes >= WRITE_BATCH || (due && !batch.is_empty()) {
+                            unsynced += batch_bytes as u64;
+                            write_batch(ctx, *dev, journal, &target, &map, &mut batch)?;
                             batch_bytes = 0;
-                            last_commit = std::time::Instant::now();
+                        }
+                        if unsynced > 0 && (due || unsynced >= SYNC_BYTES) {
+                            dev.flush()?;
+                            journal.sync()?;
+                            unsynced = 0;
+                            last_sync = std::time::Instant::now();
                         }
                     }
                     Ok(())
@@ -242,7 +250,9 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         drop(tok_tx);
         // Whatever was processed is made durable, even when stopping early.
         if let Some((dev, journal)) = write.as_mut() {
-            let r = commit_batch(ctx, *dev, journal, &map, &mut batch);
+            let r = write_batch(ctx, *dev, journal, &target, &map, &mut batch)
+                .and_then(|_| Ok(dev.flush()?))
+                .and_then(|_| Ok(journal.sync()?));
             if failure.is_none() {
                 r?;
             }
@@ -269,7 +279,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
 }
 
 fn hash_chunk(
-    c: &ChunkIn,
+    c: ChunkIn,
     bs: u64,
     target: &BlockMap,
     store: Option<&Store>,
@@ -315,20 +325,22 @@ fn hash_chunk(
         seq: c.seq,
         first: c.first,
         hashes,
-        moved,
-        data: if keep_data {
-            c.data.clone()
+        data: if keep_data && !moved.is_empty() {
+            c.data
         } else {
             Vec::new()
         },
+        moved,
     }
 }
 
-/// Makes a batch of block writes durable: intent in the journal, data, flush, then done.
-fn commit_batch(
+/// Writes a batch of blocks: a durable intent for runs whose old content was known, the data,
+/// then done records (which count once the next sync covers them).
+fn write_batch(
     ctx: &JobCtx,
     dev: &dyn BlockDevice,
     journal: &mut MapJournal,
+    target: &BlockMap,
     map: &BlockMap,
     batch: &mut Vec<(u64, Hash, Vec<u8>)>,
 ) -> Result<()> {
@@ -336,12 +348,16 @@ fn commit_batch(
         return Ok(());
     }
     let runs = runs_of(batch);
-    journal.intents(
-        &runs
-            .iter()
-            .map(|r| (r.0, r.1.len() as u64))
-            .collect::<Vec<_>>(),
-    )?;
+    let intents: Vec<(u64, u64)> = runs
+        .iter()
+        .filter(|(_, items)| {
+            items
+                .iter()
+                .any(|i| target.hashes[i.0 as usize] != ferry_blocks::UNKNOWN)
+        })
+        .map(|r| (r.0, r.1.len() as u64))
+        .collect();
+    journal.intents(&intents)?;
     for (start, items) in &runs {
         // Coalesce a run of data blocks into one write; holes become zeroes.
         let mut buf: Vec<u8> = Vec::new();
@@ -369,7 +385,6 @@ fn commit_batch(
             ctx.add_written(buf.len() as u64);
         }
     }
-    dev.flush()?;
     let done: Vec<(u64, Vec<Hash>)> = runs
         .iter()
         .map(|(s, items)| (*s, items.iter().map(|i| i.1).collect()))
