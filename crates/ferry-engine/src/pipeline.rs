@@ -14,7 +14,7 @@ use crate::jobs::{Cancelled, JobCtx};
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
 /// Bytes of pending target writes collected before they are written out.
-const WRITE_BATCH: usize = 16 << 20;
+const WRITE_BATCH: usize = 4 << 20;
 /// Longest time between disk flushes (bounds what a crash makes ferry re-send).
 const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Most bytes written between disk flushes.
@@ -177,7 +177,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         let mut held = std::collections::BTreeMap::new();
         let mut packs = store
             .as_ref()
-            .map(|st| PackWriter::new(st.clone(), 32 << 20));
+            .map(|st| PackWriter::new(st.clone(), ferry_store::PACK_TARGET));
         let mut batch: Vec<(u64, Hash, Vec<u8>)> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut unsynced = 0u64;

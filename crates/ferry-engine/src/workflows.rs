@@ -1307,7 +1307,7 @@ impl Engine {
         vm: &str,
         maps: &[BlockMap],
     ) -> Result<()> {
-        let mut w = PackWriter::new(store.clone(), 32 << 20);
+        let mut w = PackWriter::new(store.clone(), ferry_store::PACK_TARGET);
         let mut comp = zstd::bulk::Compressor::new(1)?;
         for (i, m) in maps.iter().enumerate() {
             let missing: Vec<u64> = (0..m.len() as u64)

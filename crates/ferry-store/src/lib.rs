@@ -49,6 +49,9 @@ pub enum StoreError {
     Format(String),
 }
 
+/// Size at which a pack is cut and uploaded (object stores prefer objects of many MiB).
+pub const PACK_TARGET: usize = 16 << 20;
+
 /// Result alias of the store.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
