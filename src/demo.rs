@@ -99,6 +99,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
         bail!("--disk-size must be at least 1MiB");
     }
     let _tmp;
+    let keep = dir.is_some();
     let dir = match dir {
         Some(d) => {
             std::fs::create_dir_all(&d)?;
@@ -301,10 +302,14 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
             "{VM} is {} again, active at the {} site; primary disks verified bit-identical.",
             state.state, state.active_site
         );
-        println!(
-            "Explore it: ferry --home {} status {VM}   (or `jobs --all`, `points {VM}`)",
-            home.display()
-        );
+        if keep {
+            println!(
+                "Explore it: ferry --home {} status {VM}   (or `jobs --all`, `points {VM}`)",
+                home.display()
+            );
+        } else {
+            println!("(the temporary installation was removed; `ferry demo --dir DIR` keeps one to explore)");
+        }
     }
     Ok(())
 }

@@ -22,6 +22,9 @@ pub trait BlockDevice: Send + Sync {
     }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// Hints that `len` bytes at `offset` were written and may be sent to stable storage now
+    /// (so a later [`BlockDevice::flush`] has less to wait for). Never required for correctness.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
 }
 
 /// A raw disk image in a regular file (sparse where zero).
@@ -136,6 +139,18 @@ impl BlockDevice for RawDisk {
 
     fn flush(&self) -> Result<()> {
         self.file.sync_data().map_err(io_err(&self.path))
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // Best effort: errors only mean the kernel will write back later on its own.
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 }
 

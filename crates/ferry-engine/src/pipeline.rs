@@ -178,7 +178,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         let mut packs = store
             .as_ref()
             .map(|st| PackWriter::new(st.clone(), ferry_store::PACK_TARGET));
-        let mut batch: Vec<(u64, Hash, Vec<u8>)> = Vec::new();
+        let mut batch: Vec<Pending> = Vec::new();
         let mut batch_bytes = 0usize;
         let mut unsynced = 0u64;
         let mut last_sync = std::time::Instant::now();
@@ -209,33 +209,43 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         if crosses && m.hash != ZERO {
                             ctx.add_transferred(m.wire_len);
                         }
-                        if write.is_some() {
-                            let off = ((m.index - c.first) * bs) as usize;
-                            let bytes = if c.data.is_empty() {
-                                Vec::new()
-                            } else {
-                                c.data[off..off + len as usize].to_vec()
-                            };
-                            batch_bytes += bytes.len().max(1);
-                            batch.push((m.index, m.hash, bytes));
-                        }
-                    }
-                    if let Some((dev, journal)) = write.as_mut() {
-                        let due = last_sync.elapsed() >= SYNC_INTERVAL;
-                        if batch_bytes >= WRITE_BATCH || (due && !batch.is_empty()) {
-                            unsynced += batch_bytes as u64;
-                            write_batch(ctx, *dev, journal, &target, &map, &mut batch)?;
-                            batch_bytes = 0;
-                        }
-                        if unsynced > 0 && (due || unsynced >= SYNC_BYTES) {
-                            dev.flush()?;
-                            journal.sync()?;
-                            unsynced = 0;
-                            last_sync = std::time::Instant::now();
-                        }
                     }
                     Ok(())
                 })();
+                let step = step.and_then(|_| {
+                    let Some((dev, journal)) = write.as_mut() else {
+                        return Ok(());
+                    };
+                    if !c.moved.is_empty() {
+                        let blocks: Vec<(u64, Hash)> =
+                            c.moved.iter().map(|m| (m.index, m.hash)).collect();
+                        batch_bytes += blocks
+                            .iter()
+                            .map(|(i, _)| {
+                                let r = map.block_range(*i);
+                                (r.end - r.start) as usize
+                            })
+                            .sum::<usize>();
+                        batch.push(Pending {
+                            first: c.first,
+                            data: c.data,
+                            blocks,
+                        });
+                    }
+                    let due = last_sync.elapsed() >= SYNC_INTERVAL;
+                    if batch_bytes >= WRITE_BATCH || (due && !batch.is_empty()) {
+                        unsynced += batch_bytes as u64;
+                        write_batch(ctx, *dev, journal, &target, &map, &mut batch)?;
+                        batch_bytes = 0;
+                    }
+                    if unsynced > 0 && (due || unsynced >= SYNC_BYTES) {
+                        dev.flush()?;
+                        journal.sync()?;
+                        unsynced = 0;
+                        last_sync = std::time::Instant::now();
+                    }
+                    Ok(())
+                });
                 tok_tx.send(()).ok();
                 if let Err(e) = step {
                     failure = Some(e);
@@ -334,77 +344,82 @@ fn hash_chunk(
     }
 }
 
-/// Writes a batch of blocks: a durable intent for runs whose old content was known, the data,
-/// then done records (which count once the next sync covers them).
+/// Moved blocks of one chunk waiting to be written, with the chunk's data.
+struct Pending {
+    first: u64,
+    data: Vec<u8>,
+    blocks: Vec<(u64, Hash)>,
+}
+
+/// Writes a batch of blocks: a durable intent for runs whose old content was known, the data
+/// (straight from the chunk buffers, runs coalesced), then done records (which count once the
+/// next sync covers them).
 fn write_batch(
     ctx: &JobCtx,
     dev: &dyn BlockDevice,
     journal: &mut MapJournal,
     target: &BlockMap,
     map: &BlockMap,
-    batch: &mut Vec<(u64, Hash, Vec<u8>)>,
+    batch: &mut Vec<Pending>,
 ) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
     }
-    let runs = runs_of(batch);
-    let intents: Vec<(u64, u64)> = runs
-        .iter()
-        .filter(|(_, items)| {
-            items
-                .iter()
-                .any(|i| target.hashes[i.0 as usize] != ferry_blocks::UNKNOWN)
-        })
-        .map(|r| (r.0, r.1.len() as u64))
-        .collect();
-    journal.intents(&intents)?;
-    for (start, items) in &runs {
-        // Coalesce a run of data blocks into one write; holes become zeroes.
-        let mut buf: Vec<u8> = Vec::new();
-        let mut buf_start = *start;
-        for (k, (idx, h, bytes)) in items.iter().enumerate() {
-            let r = map.block_range(*idx);
-            if *h == ZERO {
-                if !buf.is_empty() {
-                    dev.write_at(buf_start * map.block_size, &buf)?;
-                    ctx.add_written(buf.len() as u64);
-                    buf.clear();
-                }
-                dev.write_zeroes(r.start, r.end - r.start)?;
-                ctx.add_written(r.end - r.start);
-                buf_start = start + k as u64 + 1;
-            } else {
-                if buf.is_empty() {
-                    buf_start = *idx;
-                }
-                buf.extend_from_slice(bytes);
+    let bs = map.block_size;
+    // Runs of consecutive moved blocks within one chunk: (pending, first position, count).
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for (pi, p) in batch.iter().enumerate() {
+        let mut k = 0;
+        while k < p.blocks.len() {
+            let mut n = 1;
+            while k + n < p.blocks.len() && p.blocks[k + n].0 == p.blocks[k].0 + n as u64 {
+                n += 1;
             }
-        }
-        if !buf.is_empty() {
-            dev.write_at(buf_start * map.block_size, &buf)?;
-            ctx.add_written(buf.len() as u64);
+            runs.push((pi, k, n));
+            k += n;
         }
     }
-    let done: Vec<(u64, Vec<Hash>)> = runs
+    let intents: Vec<(u64, u64)> = runs
         .iter()
-        .map(|(s, items)| (*s, items.iter().map(|i| i.1).collect()))
+        .filter(|&&(pi, k, n)| {
+            batch[pi].blocks[k..k + n]
+                .iter()
+                .any(|(i, _)| target.hashes[*i as usize] != ferry_blocks::UNKNOWN)
+        })
+        .map(|&(pi, k, n)| (batch[pi].blocks[k].0, n as u64))
         .collect();
+    journal.intents(&intents)?;
+    let mut done = Vec::with_capacity(runs.len());
+    for &(pi, k, n) in &runs {
+        let p = &batch[pi];
+        let blocks = &p.blocks[k..k + n];
+        // Within the run, data blocks are written in one slice; holes become zeroes.
+        let mut j = 0;
+        while j < n {
+            let zero = blocks[j].1 == ZERO;
+            let mut m = 1;
+            while j + m < n && (blocks[j + m].1 == ZERO) == zero {
+                m += 1;
+            }
+            let start = map.block_range(blocks[j].0).start;
+            let end = map.block_range(blocks[j + m - 1].0).end;
+            if zero {
+                dev.write_zeroes(start, end - start)?;
+            } else {
+                let off = (start - p.first * bs) as usize;
+                dev.write_at(start, &p.data[off..off + (end - start) as usize])?;
+            }
+            ctx.add_written(end - start);
+            j += m;
+        }
+        let start = map.block_range(blocks[0].0).start;
+        let end = map.block_range(blocks[n - 1].0).end;
+        dev.start_writeback(start, end - start);
+        done.push((blocks[0].0, blocks.iter().map(|b| b.1).collect::<Vec<_>>()));
+    }
     journal.done_many(&done)?;
     batch.clear();
     Ok(())
-}
-
-type Run<'a> = (u64, Vec<&'a (u64, Hash, Vec<u8>)>);
-
-fn runs_of(batch: &[(u64, Hash, Vec<u8>)]) -> Vec<Run<'_>> {
-    let mut runs: Vec<Run<'_>> = Vec::new();
-    for item in batch {
-        match runs.last_mut() {
-            Some((s, v)) if *s + v.len() as u64 == item.0 => v.push(item),
-            _ => runs.push((item.0, vec![item])),
-        }
-    }
-    runs
 }
 
 /// Writes the blocks of `map` from the store onto `dev` (a freshly created, zeroed disk),
