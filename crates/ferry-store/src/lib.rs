@@ -16,6 +16,7 @@ use ferry_blocks::{Hash, Manifest};
 use futures::TryStreamExt;
 use object_store::{path::Path as ObjPath, ObjectStore, PutPayload};
 
+pub mod backend;
 mod pack;
 pub use pack::{decode, encode, Codec, PackWriter};
 
@@ -92,33 +93,12 @@ pub fn manifest_key(vm: &str, point: i64) -> String {
 impl Store {
     /// Opens the store at `url` (`file:///abs/dir`), creating it if needed, and loads its index.
     pub fn open(url: &str) -> Result<Self> {
-        let os: Arc<dyn ObjectStore> = if let Some(path) = url.strip_prefix("file://") {
-            if !path.starts_with('/') {
-                return Err(StoreError::Url(url.into()));
-            }
-            std::fs::create_dir_all(path).map_err(|e| StoreError::Backend {
-                url: url.into(),
-                source: object_store::Error::Generic {
-                    store: "local",
-                    source: Box::new(e),
-                },
-            })?;
-            Arc::new(
-                object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| {
-                    StoreError::Backend {
-                        url: url.into(),
-                        source: e,
-                    }
-                })?,
-            )
-        } else {
-            return Err(StoreError::Url(url.into()));
-        };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("tokio runtime");
+        let os = rt.block_on(backend::open(url))?;
         let store = Store {
             url: url.into(),
             os,
