@@ -10,7 +10,8 @@
 #          `ferry failback --sync delta --auto-complete` (phase 1 + 2) vs
 #          `rsync --inplace --no-whole-file` and `b3sum` of both disks (the hashing floor)
 #   full:  `ferry failback --sync full --auto-complete` vs `cp` of the recovery disk
-#   memory: ferry's peak RSS for a delta failback at MEM_SIZE (default 1GiB) vs SIZE
+#   memory: ferry's peak RSS for a delta failback at MEM_SIZE (default 1GiB) vs SIZE, with the
+#           same number of changed bytes in both runs (so only the disk size differs)
 # Results: Markdown on stdout and in bench/out/results.md (and results-SIZE.md).
 #
 # Options:
@@ -192,7 +193,7 @@ record_job() {
 
 # scenario PREFIX SIZE WITH_PEERS WITH_FULL
 scenario() {
-    local p=$1 size=$2 with_peers=$3 with_full=$4
+    local p=$1 size=$2 with_peers=$3 with_full=$4 pct=${5:-$CHANGE_PCT}
     local prim rec changed
     FHOME="$OUT/home-${p}${size}"
     rm -rf "$FHOME"
@@ -222,7 +223,7 @@ scenario() {
         echo "expected distinct recovery and primary disks, got '$rec' and '$prim'" >&2
         return 1
     fi
-    changed=$(py mutate "$rec" "$CHANGE_PCT" $((SEED + 1)))
+    changed=$(py mutate "$rec" "$pct" $((SEED + 1)))
     record "${p}changed_bytes" "$changed"
     say "[$p$size] changed $changed bytes of the recovery disk $rec"
     sleep 2
@@ -322,7 +323,9 @@ else
 
     if [ -n "$MEM_SIZE" ] && [ "$(py size "$MEM_SIZE")" -ne "$size_bytes" ]; then
         record mem_size_label "$MEM_SIZE"
-        scenario mem_ "$MEM_SIZE" 0 0
+        # Same changed bytes as the main run, so only the disk size differs.
+        mem_pct=$(python3 -c "print(min(100.0, $CHANGE_PCT * $size_bytes / $(py size "$MEM_SIZE")))")
+        scenario mem_ "$MEM_SIZE" 0 0 "$mem_pct"
     fi
     scenario "" "$SIZE" 1 "$do_full"
     results="$OUT/results-$SIZE.md"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what ferry's tests and benchmarks need on a Debian 12 (bookworm) machine.
 #
-#   scripts/install-deps.sh            # test deps: rsync, hyperfine, GNU time
+#   scripts/install-deps.sh            # test deps: rsync, hyperfine, GNU time, curl,
+#                                      # Azurite (npm, into .ci/node) and moto (pip; S3 API server)
 #   scripts/install-deps.sh --bench    # + b3sum (cargo install; a few minutes the first time)
 #   scripts/install-deps.sh --qemu     # + qemu-system-x86 and libnbd-bin from bookworm-backports
 #
@@ -68,10 +69,11 @@ install_base() {
     # `time` is also a bash keyword; we need the GNU binary.
     [ -x /usr/bin/time ] || missing+=(time)
     have python3 || missing+=(python3)
+    have curl || missing+=(curl)
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_install "${missing[@]}"
     else
-        log "base tools present (rsync, hyperfine, /usr/bin/time, python3)"
+        log "base tools present (rsync, hyperfine, /usr/bin/time, python3, curl)"
     fi
 }
 
@@ -132,10 +134,55 @@ install_qemu() {
     APT_OPTS=()
 }
 
-# (Azurite, the Azure Blob emulator, will get its own install_azurite here: npm install azurite@3.35.0.)
+# Azurite, the Azure Blob API emulator (scripts/services.sh starts it). Installed into the
+# project (.ci/node/node_modules, git-ignored by a .gitignore written there), not globally.
+# 3.35.0: 3.36+ needs a newer Node than Debian's 20.
+AZURITE_VERSION=3.35.0
+AZURITE_PREFIX="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.ci/node"
+
+install_azurite() {
+    local pkg="$AZURITE_PREFIX/node_modules/azurite/package.json"
+    if [ -x "$AZURITE_PREFIX/node_modules/.bin/azurite-blob" ] && [ -f "$pkg" ] &&
+        grep -q "\"version\": *\"$AZURITE_VERSION\"" "$pkg"; then
+        log "azurite $AZURITE_VERSION present ($AZURITE_PREFIX)"
+        return
+    fi
+    if ! have npm; then
+        apt_install nodejs npm
+    fi
+    mkdir -p "$AZURITE_PREFIX"
+    printf '*\n' >"$AZURITE_PREFIX/.gitignore"
+    log "npm install azurite@$AZURITE_VERSION into $AZURITE_PREFIX (about 30 s)"
+    npm install --no-save --no-audit --no-fund --loglevel=error --prefix "$AZURITE_PREFIX" \
+        "azurite@$AZURITE_VERSION" >/dev/null
+}
+
+# moto: an in-memory S3 API server (`moto_server`), for the S3 store tests.
+install_moto() {
+    # Run it, not just look for it: a pyenv shim exists for versions that lack the package.
+    if have moto_server && moto_server -h >/dev/null 2>&1; then
+        log "moto_server present"
+        return
+    fi
+    if ! have pip3 && ! have pip; then
+        apt_install python3-pip
+    fi
+    log "pip install 'moto[server]'"
+    local pip=pip3
+    have pip3 || pip=pip
+    # Debian's own python refuses system-wide pip installs without this (PEP 668).
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$pip" install --quiet 'moto[server]'
+    hash -r
+    moto_server -h >/dev/null 2>&1 || {
+        echo "error: moto_server does not run after pip install (is pip's bin directory on PATH?)" >&2
+        exit 1
+    }
+}
 
 # ---------------------------------------------------------------------------
 install_base
+install_azurite
+install_moto
 if [ "$want_bench" -eq 1 ]; then install_b3sum; fi
 if [ "$want_qemu" -eq 1 ]; then install_qemu; fi
 log "done"

@@ -104,7 +104,7 @@ pub enum Cmd {
         /// Change-detection block size
         #[arg(long, default_value = "64KiB", value_parser = parse_size_arg)]
         block_size: u64,
-        /// Encryption key file (not available in this version)
+        /// Key file (`ferry key new FILE`); required for failover, failback and verify of an encrypted VM
         #[arg(long)]
         key: Option<PathBuf>,
         #[command(flatten)]
@@ -116,6 +116,9 @@ pub enum Cmd {
     Replicate {
         /// VM
         vm: String,
+        /// Key file (default: the one given to `protect`)
+        #[arg(long)]
+        key: Option<PathBuf>,
         #[command(flatten)]
         data: DataFlags,
     },
@@ -148,6 +151,9 @@ pub enum Cmd {
         /// Recovery host (default: the first host of the recovery site)
         #[arg(long)]
         host: Option<String>,
+        /// Key file, required when the VM's replication is encrypted
+        #[arg(long)]
+        key: Option<PathBuf>,
         #[command(flatten)]
         data: DataFlags,
     },
@@ -173,7 +179,7 @@ pub enum Cmd {
         /// Create the VM on the target host if it does not exist
         #[arg(long)]
         create_vm: bool,
-        /// Encryption key file (not available in this version)
+        /// Key file (`ferry key new FILE`); required for failover, failback and verify of an encrypted VM
         #[arg(long)]
         key: Option<PathBuf>,
         /// Run phase 2 right after phase 1
@@ -196,6 +202,9 @@ pub enum Cmd {
     Complete {
         /// VM
         vm: String,
+        /// Key file (default: the one given to `protect`)
+        #[arg(long)]
+        key: Option<PathBuf>,
         /// After the sync, re-read the primary disks and compare every block hash
         #[arg(long)]
         verify: bool,
@@ -225,6 +234,9 @@ pub enum Cmd {
     ReverseReplicate {
         /// VM
         vm: String,
+        /// Key file (default: the one given to `protect`)
+        #[arg(long)]
+        key: Option<PathBuf>,
         #[command(flatten)]
         data: DataFlags,
     },
@@ -248,7 +260,9 @@ pub enum Cmd {
     /// Example: ferry job watch 7
     #[command(subcommand)]
     Job(JobCmd),
-    /// Encryption keys (not available in this version).
+    /// Encryption keys: the operator holds them; they never reach the store.
+    ///
+    /// Example: ferry key new /root/ferry-web1.key && ferry protect web1 --to dr --key /root/ferry-web1.key
     #[command(subcommand)]
     Key(KeyCmd),
     /// Read back every block of a recovery point and check it against its hash.
@@ -260,7 +274,7 @@ pub enum Cmd {
         /// Point id (default: the newest)
         #[arg(long)]
         point: Option<i64>,
-        /// Encryption key file (not available in this version)
+        /// Key file (`ferry key new FILE`); required for failover, failback and verify of an encrypted VM
         #[arg(long)]
         key: Option<PathBuf>,
     },
@@ -409,13 +423,10 @@ fn open(cli: &Cli) -> Result<Engine> {
     Ok(e)
 }
 
-fn no_key(key: &Option<PathBuf>) -> Result<()> {
-    if key.is_some() {
-        bail!(
-            "encryption (--key) is not available in this version of ferry yet; run without --key"
-        );
-    }
-    Ok(())
+fn open_with_key(cli: &Cli, key: &Option<PathBuf>) -> Result<Engine> {
+    let mut e = open(cli)?;
+    e.set_key_file(key.clone());
+    Ok(e)
 }
 
 fn vm_json(
@@ -627,13 +638,12 @@ pub fn run(cli: Cli) -> Result<()> {
             key,
             data,
         } => {
-            no_key(key)?;
-            let e = open(&cli)?;
+            let e = open_with_key(&cli, key)?;
             let job = e.protect(vm, to, *rpo, *retention, *block_size, data.opts())?;
             output::job(&job, j);
         }
-        Cmd::Replicate { vm, data } => {
-            let e = open(&cli)?;
+        Cmd::Replicate { vm, key, data } => {
+            let e = open_with_key(&cli, key)?;
             output::job(&e.replicate(vm, data.opts())?, j);
         }
         Cmd::Points { vm } => {
@@ -661,12 +671,13 @@ pub fn run(cli: Cli) -> Result<()> {
             test,
             point,
             host,
+            key,
             data,
         } => {
             if *test {
                 bail!("test failover is not available in this version of ferry yet");
             }
-            let e = open(&cli)?;
+            let e = open_with_key(&cli, key)?;
             let mode = if *unplanned {
                 FailoverMode::Unplanned
             } else {
@@ -699,8 +710,7 @@ pub fn run(cli: Cli) -> Result<()> {
             verify,
             data,
         } => {
-            no_key(key)?;
-            let e = open(&cli)?;
+            let e = open_with_key(&cli, key)?;
             let sync = sync
                 .as_deref()
                 .map(|s| s.parse::<SyncMode>())
@@ -754,8 +764,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Complete { vm, verify, data } => {
-            let e = open(&cli)?;
+        Cmd::Complete {
+            vm,
+            key,
+            verify,
+            data,
+        } => {
+            let e = open_with_key(&cli, key)?;
             output::job(&e.complete(vm, data.opts(), *verify)?, j);
         }
         Cmd::Cancel { vm } => {
@@ -766,8 +781,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let e = open(&cli)?;
             output::job(&e.commit(vm)?, j);
         }
-        Cmd::ReverseReplicate { vm, data } => {
-            let e = open(&cli)?;
+        Cmd::ReverseReplicate { vm, key, data } => {
+            let e = open_with_key(&cli, key)?;
             output::job(&e.reverse_replicate(vm, data.opts())?, j);
         }
         Cmd::Status { vm } => {
@@ -864,12 +879,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 let _ = Engine::open(&home(&cli))?;
             }
         }
-        Cmd::Key(KeyCmd::New { .. }) => {
-            bail!("encryption keys are not available in this version of ferry yet")
+        Cmd::Key(KeyCmd::New { file }) => {
+            let k = ferry_store::crypto::Key::create_file(file)?;
+            if j {
+                output::json(&json!({"file": file, "id": k.id()}));
+            } else {
+                println!("key {} written to {} (mode 0600)", k.id(), file.display());
+                eprintln!("keep it off the store and back it up: without it, recovery points protected with it cannot be recovered");
+            }
         }
         Cmd::Verify { vm, point, key } => {
-            no_key(key)?;
-            let e = open(&cli)?;
+            let e = open_with_key(&cli, key)?;
             let r = e.verify(vm, *point)?;
             if j {
                 output::json(&r)

@@ -287,7 +287,6 @@ fn failback_refused_for_unreadable_disk_format() {
 }
 
 #[test]
-#[ignore = "encryption (--key) is issue 4: cloud stores and encryption"]
 fn failback_of_encrypted_replication_needs_the_right_key() {
     let f = Ferry::new();
     f.setup_two_sites(&["lan"]);
@@ -317,7 +316,28 @@ fn failback_of_encrypted_replication_needs_the_right_key() {
         ]),
         "succeeded",
     );
-    assert_job_state(&f.json(&["failover", "app", "--planned"]), "succeeded");
+    // Failover needs the operator's key too, and refuses without it before anything changes.
+    let err = f.fail(&["failover", "app", "--planned"]);
+    assert!(
+        err.contains("--key"),
+        "failover without the key names --key: {err}"
+    );
+    f.assert_state("app", "protected");
+    assert_eq!(
+        f.power("app", Some("h1")),
+        "running",
+        "refused failover left the primary running"
+    );
+    assert_job_state(
+        &f.json(&[
+            "failover",
+            "app",
+            "--planned",
+            "--key",
+            k1.to_str().unwrap(),
+        ]),
+        "succeeded",
+    );
     assert_job_state(&f.json(&["commit", "app"]), "succeeded");
     let rec = f.disk_paths("app", "r1");
     write_random(&rec[0], 2 * MIB, MIB, 72);

@@ -5,6 +5,8 @@ mod harness;
 mod harness_selftest;
 
 mod cli;
+mod crashes;
+mod encryption;
 mod failback_rules;
 mod faults;
 mod jobs;

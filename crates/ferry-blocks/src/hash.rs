@@ -17,10 +17,34 @@ pub fn is_zero(buf: &[u8]) -> bool {
 
 /// Hash of one block: [`ZERO`] for an all-zero block, BLAKE3 otherwise.
 pub fn hash_block(buf: &[u8]) -> Hash {
-    if is_zero(buf) {
-        ZERO
-    } else {
-        *blake3::hash(buf).as_bytes()
+    Hasher::PLAIN.hash(buf)
+}
+
+/// Computes block ids: plain BLAKE3, or keyed BLAKE3 for encrypted replication (so equal
+/// plaintext under different keys gets unrelated ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hasher {
+    key: Option<[u8; 32]>,
+}
+
+impl Hasher {
+    /// Unkeyed BLAKE3.
+    pub const PLAIN: Hasher = Hasher { key: None };
+
+    /// Keyed BLAKE3 with `key` (None: plain).
+    pub fn keyed(key: Option<[u8; 32]>) -> Self {
+        Hasher { key }
+    }
+
+    /// Id of one block: [`ZERO`] for an all-zero block.
+    pub fn hash(&self, buf: &[u8]) -> Hash {
+        if is_zero(buf) {
+            return ZERO;
+        }
+        match &self.key {
+            None => *blake3::hash(buf).as_bytes(),
+            Some(k) => *blake3::keyed_hash(k, buf).as_bytes(),
+        }
     }
 }
 
@@ -37,5 +61,8 @@ mod tests {
         assert_eq!(hash_block(&b), *blake3::hash(&b).as_bytes());
         assert!(is_zero(&b[1..65535]));
         assert!(is_zero(&[]));
+        let keyed = Hasher::keyed(Some([1; 32]));
+        assert_ne!(keyed.hash(&b), hash_block(&b));
+        assert_eq!(keyed.hash(&[0u8; 100]), ZERO);
     }
 }

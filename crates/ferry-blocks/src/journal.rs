@@ -28,14 +28,27 @@ pub struct MapJournal {
 }
 
 impl MapJournal {
-    /// Opens (creating if needed) the journal at `path` for appending.
+    /// Opens (creating if needed) the journal at `path` for appending. A torn record at the end
+    /// (a crash mid-append) is cut off first, so new records never follow garbage.
     pub fn open(path: &Path) -> Result<Self> {
+        let existed = path.exists();
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
+        let mut len = file.metadata().map_err(io_err(path))?.len();
+        if existed {
+            let b = std::fs::read(path).map_err(io_err(path))?;
+            let valid = valid_prefix(&b) as u64;
+            if valid < len {
+                file.set_len(valid).map_err(io_err(path))?;
+                file.sync_all().map_err(io_err(path))?;
+                len = valid;
+            }
+        } else {
+            sync_parent(path);
+        }
         Ok(MapJournal {
             file,
             path: path.to_path_buf(),
@@ -104,7 +117,10 @@ impl MapJournal {
     /// Empties the journal (after its effect was saved into the map file).
     pub fn reset(path: &Path) -> Result<()> {
         match std::fs::remove_file(path) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                sync_parent(path);
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(path)(e)),
         }
@@ -186,6 +202,34 @@ impl MapJournal {
     }
 }
 
+/// Length of the longest prefix of `b` made of whole records.
+fn valid_prefix(b: &[u8]) -> usize {
+    let mut pos = 0;
+    while pos + 17 <= b.len() {
+        let count = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap()) as usize;
+        let body = match b[pos] {
+            INTENT | SYNC => 0,
+            DONE => match count.checked_mul(32) {
+                Some(n) => n,
+                None => return pos,
+            },
+            _ => return pos,
+        };
+        if pos + 17 + body > b.len() {
+            return pos;
+        }
+        pos += 17 + body;
+    }
+    pos
+}
+
+/// Makes a file's creation or removal durable (best effort).
+fn sync_parent(path: &Path) {
+    if let Some(d) = path.parent().and_then(|d| File::open(d).ok()) {
+        let _ = d.sync_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +270,15 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         MapJournal::replay(&p, &mut m).unwrap();
         assert_eq!(m.hashes[4], crate::ZERO);
+        // Appending after the torn record: it is cut off first, so later records stay readable.
+        let mut j = MapJournal::open(&p).unwrap();
+        j.intent(1, 1).unwrap();
+        j.done_many(&[(1, vec![[9; 32]])]).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let mut m = BlockMap::zeros(5 * 4096, 4096);
+        MapJournal::replay(&p, &mut m).unwrap();
+        assert_eq!(m.hashes[1], [9; 32]);
+        assert_eq!(m.hashes[3], UNKNOWN);
     }
 }

@@ -11,7 +11,7 @@ pub mod map;
 pub mod stamp;
 
 pub use device::{BlockDevice, RawDisk};
-pub use hash::{hash_block, is_zero, Hash, UNKNOWN, ZERO};
+pub use hash::{hash_block, is_zero, Hash, Hasher, UNKNOWN, ZERO};
 pub use journal::MapJournal;
 pub use map::{differing_runs, BlockMap, Manifest};
 pub use stamp::DiskStamp;

@@ -20,6 +20,17 @@ pub mod pipeline;
 mod workflows;
 
 pub use jobs::{Cancelled, JobCtx, Observer};
+
+/// Fault injection for tests: when `FERRY_FAULT` names `point`, the process kills itself with
+/// SIGKILL right there, exactly like a crash or `kill -9` (no cleanup, no unwinding).
+pub fn fault(point: &str) {
+    if std::env::var("FERRY_FAULT").is_ok_and(|f| f == point) {
+        eprintln!("ferry: injected fault at {point}");
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
 pub use workflows::{DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts, VerifyReport};
 
 /// Which copy of a protected VM a map or stamp describes.
@@ -59,6 +70,36 @@ pub struct ItemExtra {
     pub recovery: Option<CopyState>,
     /// Host where a failover started creating the recovery VM (cleaned up on re-run).
     pub failover_partial: Option<String>,
+    /// Id of the key the replication is encrypted with (None: plaintext).
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// Key file given at protect time (stays with the operator; used by replication cycles).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Shape of the VM as last replicated, to recreate it when the primary is unreachable.
+    #[serde(default)]
+    pub vm_spec: Option<SavedSpec>,
+}
+
+/// The shape of a protected VM (everything but its disks' content).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedSpec {
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub memory: u64,
+    /// Switch of each NIC.
+    pub nics: Vec<String>,
+}
+
+impl From<ferry_hypervisor::VmSpec> for SavedSpec {
+    fn from(s: ferry_hypervisor::VmSpec) -> Self {
+        SavedSpec {
+            cpus: s.cpus,
+            memory: s.memory,
+            nics: s.nics,
+        }
+    }
 }
 
 /// Status of a VM as `ferry status` shows it.
@@ -83,6 +124,7 @@ pub struct Engine {
     pub vault: Vault,
     observer: Option<Observer>,
     notify: Option<Notify>,
+    key_file: Option<PathBuf>,
 }
 
 /// Receives one-line notes for the operator (e.g. the failback recommendation).
@@ -101,6 +143,7 @@ impl Engine {
             vault,
             observer: None,
             notify: None,
+            key_file: None,
         })
     }
 
@@ -112,6 +155,7 @@ impl Engine {
             vault,
             observer: None,
             notify: None,
+            key_file: None,
         };
         e.reconcile()?;
         Ok(e)
@@ -125,6 +169,73 @@ impl Engine {
     /// Receives notes for the operator once a command's checks passed.
     pub fn set_notify(&mut self, n: Notify) {
         self.notify = Some(n);
+    }
+
+    /// The key file the operator passed (`--key`) for the next command.
+    pub fn set_key_file(&mut self, p: Option<PathBuf>) {
+        self.key_file = p.map(|p| self.abs(&p));
+    }
+
+    /// Loads the key file passed with `--key`, if any.
+    pub(crate) fn given_key(&self) -> Result<Option<ferry_store::crypto::Key>> {
+        self.key_file
+            .as_deref()
+            .map(ferry_store::crypto::Key::load)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// The key of a VM's replication: the one passed with `--key` (checked against the key the
+    /// VM was protected with) or, when `recorded_ok`, the key file recorded at protect time.
+    pub(crate) fn item_key(
+        &self,
+        vm: &str,
+        recorded_ok: bool,
+    ) -> Result<Option<ferry_store::crypto::Key>> {
+        let extra = self.extra(vm)?;
+        let Some(id) = extra.key_id else {
+            if self.key_file.is_some() {
+                bail!("VM {vm} is replicated without encryption; run the command without --key");
+            }
+            return Ok(None);
+        };
+        let path = match (&self.key_file, &extra.key_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(p)) if recorded_ok => p.clone(),
+            _ => bail!("VM {vm}'s recovery points are encrypted (key {id}); pass the key it was protected with: --key FILE"),
+        };
+        let key = ferry_store::crypto::Key::load(&path)?;
+        if key.id() != id {
+            bail!(
+                "wrong key: {} holds key {}, but VM {vm} was protected with key {id}; pass that key with --key FILE",
+                path.display(),
+                key.id()
+            );
+        }
+        Ok(Some(key))
+    }
+
+    /// Refuses, before anything changes, when the VM's replication is encrypted and `--key`
+    /// was not passed or does not match (failover, failback and verify need the operator's key).
+    pub(crate) fn require_key(&self, vm: &str) -> Result<()> {
+        self.item_key(vm, false).map(|_| ())
+    }
+
+    /// The store namespace of a protected item (opened with its key when encrypted).
+    pub(crate) fn item_store(&self, item: &ProtectedItem) -> Result<Arc<Store>> {
+        let key = self.item_key(&item.vm, true)?;
+        let s = self.site(&item.recovery_site)?;
+        let store = Store::open_with(&s.store, key.as_ref())
+            .with_context(|| format!("site {}: store unreachable", item.recovery_site))?;
+        store.hold_lease(&format!("ferry job for VM {}", item.vm))?;
+        Ok(Arc::new(store))
+    }
+
+    /// How a protected item's block ids are computed.
+    pub(crate) fn item_hasher(&self, vm: &str) -> Result<ferry_blocks::Hasher> {
+        Ok(ferry_blocks::Hasher::keyed(
+            self.item_key(vm, true)?.map(|k| k.block_id_key()),
+        ))
     }
 
     pub(crate) fn note(&self, s: &str) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
-use ferry_blocks::{hash_block, BlockDevice, BlockMap, Hash, MapJournal, ZERO};
+use ferry_blocks::{BlockDevice, BlockMap, Hash, Hasher, MapJournal, ZERO};
 use ferry_store::{encode, Codec, PackWriter, Store};
 
 use crate::jobs::{Cancelled, JobCtx};
@@ -56,6 +56,8 @@ pub struct PassSpec<'a> {
     /// Known content of the destination (a point's map or the target disk's map); blocks whose
     /// hash equals it are skipped. `UNKNOWN` entries always move.
     pub target: Arc<BlockMap>,
+    /// How block ids are computed (keyed when the replication is encrypted).
+    pub hasher: Hasher,
     /// Store that receives blocks new to it (None: hash only).
     pub store: Option<Arc<Store>>,
     /// Disk to write moved blocks to, with its journal.
@@ -115,6 +117,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     let writes = spec.write.is_some();
     let mut write = spec.write;
     let crosses = spec.crosses_sites;
+    let hasher = spec.hasher;
 
     std::thread::scope(|s| -> Result<()> {
         // Reader.
@@ -162,7 +165,16 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
             s.spawn(move || {
                 let mut comp = zstd::bulk::Compressor::new(1).expect("zstd");
                 for c in work_rx.iter() {
-                    let out = hash_chunk(c, bs, &target, store.as_deref(), writes, &mut comp);
+                    let out = hash_chunk(
+                        c,
+                        bs,
+                        hasher,
+                        !writes,
+                        &target,
+                        store.as_deref(),
+                        writes,
+                        &mut comp,
+                    );
                     if out_tx.send(Ok(out)).is_err() {
                         break;
                     }
@@ -288,9 +300,12 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     Ok(result)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn hash_chunk(
     c: ChunkIn,
     bs: u64,
+    hasher: Hasher,
+    require_stored: bool,
     target: &BlockMap,
     store: Option<&Store>,
     keep_data: bool,
@@ -304,13 +319,16 @@ fn hash_chunk(
         let h = if c.read {
             let s = (k * bs) as usize;
             let e = (s + bs as usize).min(c.data.len());
-            hash_block(&c.data[s..e])
+            hasher.hash(&c.data[s..e])
         } else {
             ZERO
         };
         hashes.push(h);
         let known = target.hashes[idx as usize];
-        if h == known && known != ferry_blocks::UNKNOWN {
+        // Unchanged blocks are skipped; when feeding a recovery point, only if the store still
+        // holds them (a point must never reference a block the store lost).
+        let stored = !require_stored || h == ZERO || store.is_none_or(|s| s.contains(&h));
+        if h == known && known != ferry_blocks::UNKNOWN && stored {
             continue;
         }
         let (frame, wire_len) = if h == ZERO {
@@ -321,7 +339,7 @@ fn hash_chunk(
             let s = (k * bs) as usize;
             let e = (s + bs as usize).min(c.data.len());
             let (f, codec) = encode(comp, &c.data[s..e]);
-            let l = f.len() as u64;
+            let l = (f.len() + store.map_or(0, |s| s.frame_overhead())) as u64;
             (Some((f, codec)), l)
         };
         moved.push(Moved {
@@ -468,15 +486,21 @@ pub fn restore(
         drop(job_rx);
         drop(out_tx);
         let mut done = 0usize;
-        for r in out_rx.iter() {
-            for (i, data) in r? {
-                let off = map.block_range(i).start;
-                dev.write_at(off, &data)?;
-                ctx.add_written(data.len() as u64);
-                ctx.add_step_done(data.len() as u64);
-                done += 1;
+        let drained = (|| -> Result<()> {
+            for r in out_rx.iter() {
+                for (i, data) in r? {
+                    let off = map.block_range(i).start;
+                    dev.write_at(off, &data)?;
+                    ctx.add_written(data.len() as u64);
+                    ctx.add_step_done(data.len() as u64);
+                    done += 1;
+                }
             }
-        }
+            Ok(())
+        })();
+        // Closing the channel stops the workers and the feeder even when we stop early.
+        drop(out_rx);
+        drained?;
         if done < wanted.len() {
             if ctx.is_cancelled() {
                 return Err(Cancelled.into());

@@ -395,7 +395,16 @@ impl Engine {
         } else {
             self.vault.add_item(&item)?;
         }
-        self.set_extra(vm, &ItemExtra::default())?;
+        let key = self.given_key()?;
+        self.set_extra(
+            vm,
+            &ItemExtra {
+                key_id: key.as_ref().map(|k| k.id()),
+                key_file: key.as_ref().and(self.key_file.clone()),
+                vm_spec: Some(VmSpec::like(&info).into()),
+                ..Default::default()
+            },
+        )?;
         self.drop_maps(vm, Copy::Primary)?;
         let run = self.new_job(
             JobKind::Protect,
@@ -439,7 +448,7 @@ impl Engine {
         let next = begin(vm, item.state, Command::ReverseReplicate)?;
         let host = self.host(&item.primary_host)?;
         self.driver(&host)?.check_connected()?;
-        self.store(&item.recovery_site)?;
+        self.item_store(&item)?;
         let run = self.new_job(
             JobKind::ReverseReplicate,
             vm,
@@ -468,7 +477,7 @@ impl Engine {
             .get_vm(&item.vm)?
             .ok_or_else(|| anyhow!("VM {} no longer exists on host {}", item.vm, host.name))?;
         check_formats(&info)?;
-        let store = self.store(&item.recovery_site)?;
+        let store = self.item_store(item)?;
         let mut extra = self.extra(&item.vm)?;
         let known = extra.primary.clone().filter(|p| p.host == host.name);
         let total: u64 = info.disks.iter().map(|x| x.size).sum();
@@ -506,6 +515,7 @@ impl Engine {
                         block_size: item.block_size,
                         target: Arc::new(target),
                         store: Some(store.clone()),
+                        hasher: store.hasher(),
                         write: None,
                         crosses_sites: true,
                     },
@@ -520,6 +530,7 @@ impl Engine {
             host: host.name.clone(),
             stamps,
         });
+        extra.vm_spec = Some(VmSpec::like(&info).into());
         self.set_extra(&item.vm, &extra)?;
         let point = self.record_point(
             &store,
@@ -559,18 +570,36 @@ impl Engine {
     fn apply_retention(&self, store: &Store, item: &ProtectedItem) -> Result<()> {
         let points = self.vault.points(&item.vm)?;
         let cutoff = now_secs() - item.retention_secs as i64;
-        let mut pruned = 0;
-        for p in points.iter().skip(1) {
-            let created = parse_rfc3339(&p.created_at).unwrap_or(i64::MAX);
-            if created < cutoff {
-                store.delete_manifest(&p.manifest)?;
-                self.vault.delete_point(p.id)?;
-                pruned += 1;
-            }
+        let expired: Vec<_> = points
+            .iter()
+            .skip(1)
+            .filter(|p| parse_rfc3339(&p.created_at).unwrap_or(i64::MAX) < cutoff)
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
         }
-        if pruned > 0 {
-            // Packs younger than an hour may belong to a job still running: never collected.
-            store.collect_garbage(Duration::from_secs(3600))?;
+        if store.others_active()? {
+            // Another job may be reading one of these points or writing packs: try next cycle.
+            self.vault.event(
+                Some(&item.vm),
+                None,
+                "retention deferred: another job is using the store",
+            )?;
+            return Ok(());
+        }
+        for p in expired {
+            // Forget the point first: a crash in between leaves an orphan manifest, never a
+            // listed point that cannot be restored.
+            self.vault.delete_point(p.id)?;
+            store.delete_manifest(&p.manifest)?;
+        }
+        // Leases keep running jobs safe; the grace period is a second line of defence.
+        if let Err(e) = store.collect_garbage(Duration::from_secs(900)) {
+            self.vault.event(
+                Some(&item.vm),
+                None,
+                &format!("garbage collection skipped: {e}"),
+            )?;
         }
         Ok(())
     }
@@ -589,6 +618,7 @@ impl Engine {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
         let next = begin(vm, item.state, Command::Failover)?;
+        self.require_key(vm)?;
         let rhost = match host {
             Some(h) => self.host(h)?,
             None => self
@@ -622,6 +652,13 @@ impl Engine {
                 .ok()
                 .and_then(|_| pd.get_vm(vm).ok().flatten()),
         };
+        // A failover that crashed after the recovery VM was complete only needs to start it.
+        let restored = extra.failover_partial.as_deref() == Some(rhost.name.as_str())
+            && extra
+                .recovery
+                .as_ref()
+                .is_some_and(|r| r.host == rhost.name)
+            && rd.get_vm(vm)?.is_some();
         if let Some(existing) = rd.get_vm(vm)? {
             if extra.failover_partial.as_deref() != Some(rhost.name.as_str()) {
                 bail!("VM {vm} already exists on host {} (not created by ferry); remove it or pick another host with --host", existing.host);
@@ -644,12 +681,16 @@ impl Engine {
                     .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet; run `ferry replicate {vm}`"))?,
             ),
         };
-        let nics: Vec<String> = pinfo
-            .as_ref()
-            .map(|i| i.nics.iter().map(|n| n.switch.clone()).collect())
-            .unwrap_or_default();
+        // The VM's shape: from the primary copy when reachable, else as last replicated.
+        let saved = extra.vm_spec.clone();
+        let shape = match (&pinfo, &saved) {
+            (Some(i), _) => crate::SavedSpec::from(VmSpec::like(i)),
+            (None, Some(s)) => s.clone(),
+            (None, None) => bail!("the primary copy of VM {vm} is unreachable and ferry has no record of its shape (CPUs, memory, NICs); re-protect it from a reachable primary"),
+        };
+        let nics = shape.nics.clone();
         rd.check_switches(&nics)?;
-        let store = self.store(&item.recovery_site)?;
+        let store = self.item_store(&item)?;
         let names: Vec<&str> = match mode {
             FailoverMode::Planned => vec![
                 "stop primary VM",
@@ -672,60 +713,67 @@ impl Engine {
         self.enter(&mut item, next, run.id())?;
         let r = (|| -> Result<(Outcome, ())> {
             let mut down = None;
-            let point = match chosen {
-                Some(p) => p,
-                None => {
-                    run.begin_step("stop primary VM", 0);
-                    let was_running = pd.get_vm(vm)?.map(|v| v.power) == Some(Power::Running);
-                    pd.stop_vm(vm)?;
-                    if was_running {
-                        down = Some(Instant::now());
+            if !restored {
+                let point = match chosen {
+                    Some(p) => p,
+                    None => {
+                        run.begin_step("stop primary VM", 0);
+                        let was_running = pd.get_vm(vm)?.map(|v| v.power) == Some(Power::Running);
+                        pd.stop_vm(vm)?;
+                        if was_running {
+                            down = Some(Instant::now());
+                        }
+                        run.end_step();
+                        self.replicate_copy(&run, &item, &phost, "replicate final changes")?
                     }
-                    run.end_step();
-                    self.replicate_copy(&run, &item, &phost, "replicate final changes")?
+                };
+                let manifest = store.get_manifest(&point.manifest)?;
+                run.begin_step("create recovery VM", 0);
+                let mut ex = self.extra(vm)?;
+                ex.failover_partial = Some(rhost.name.clone());
+                self.set_extra(vm, &ex)?;
+                if rd.get_vm(vm)?.is_some() {
+                    rd.delete_vm(vm)?;
                 }
-            };
-            let manifest = store.get_manifest(&point.manifest)?;
-            run.begin_step("create recovery VM", 0);
-            let mut ex = self.extra(vm)?;
-            ex.failover_partial = Some(rhost.name.clone());
-            self.set_extra(vm, &ex)?;
-            if rd.get_vm(vm)?.is_some() {
-                rd.delete_vm(vm)?;
+                let spec = VmSpec {
+                    name: vm.into(),
+                    cpus: shape.cpus,
+                    memory: shape.memory,
+                    disks: manifest.disks.iter().map(|d| d.size).collect(),
+                    nics,
+                };
+                rd.create_vm(&spec)?;
+                run.end_step();
+                run.begin_step(
+                    "restore disks",
+                    manifest.disks.iter().map(|d| d.data_bytes()).sum(),
+                );
+                let mut stamps = Vec::new();
+                for (i, m) in manifest.disks.iter().enumerate() {
+                    let dev = rd.open_disk(vm, i as u32, true)?;
+                    restore(&run.ctx, &store, m, dev.as_ref())?;
+                    self.save_map(vm, Copy::Recovery, i as u32, m)?;
+                    stamps.push(rd.disk_stamp(vm, i as u32)?);
+                }
+                // The recovery VM is complete: a crash from here on resumes by starting it.
+                let mut ex = self.extra(vm)?;
+                ex.recovery = Some(CopyState {
+                    host: rhost.name.clone(),
+                    stamps,
+                });
+                self.set_extra(vm, &ex)?;
+                run.end_step();
             }
-            let spec = VmSpec {
-                name: vm.into(),
-                cpus: pinfo.as_ref().map(|i| i.cpus).unwrap_or(1),
-                memory: pinfo.as_ref().map(|i| i.memory).unwrap_or(512 << 20),
-                disks: manifest.disks.iter().map(|d| d.size).collect(),
-                nics,
-            };
-            rd.create_vm(&spec)?;
-            run.end_step();
-            run.begin_step(
-                "restore disks",
-                manifest.disks.iter().map(|d| d.data_bytes()).sum(),
-            );
-            let mut stamps = Vec::new();
-            for (i, m) in manifest.disks.iter().enumerate() {
-                let dev = rd.open_disk(vm, i as u32, true)?;
-                restore(&run.ctx, &store, m, dev.as_ref())?;
-                self.save_map(vm, Copy::Recovery, i as u32, m)?;
-                stamps.push(rd.disk_stamp(vm, i as u32)?);
-            }
-            run.end_step();
+            crate::fault("failover-before-start-recovery");
             run.begin_step("start recovery VM", 0);
             rd.start_vm(vm)?;
+            crate::fault("failover-after-start-recovery");
             if let Some(t) = down {
                 run.set_downtime(t.elapsed());
             }
             run.end_step();
             let mut ex = self.extra(vm)?;
             ex.failover_partial = None;
-            ex.recovery = Some(CopyState {
-                host: rhost.name.clone(),
-                stamps,
-            });
             self.set_extra(vm, &ex)?;
             let mut it = self.item(vm)?;
             it.recovery_host = Some(rhost.name.clone());
@@ -786,26 +834,45 @@ impl Engine {
     pub fn failback(&self, vm: &str, o: &FailbackOpts) -> Result<(Option<Job>, Option<DryRun>)> {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
+        self.require_key(vm)?;
         let resuming = matches!(
             item.state,
             ItemState::FailbackReady | ItemState::FailbackInterrupted
         );
-        let prev: Option<FailbackParams> = match (resuming, item.job) {
+        let mut prev: Option<FailbackParams> = match (resuming, item.job) {
             (true, Some(id)) => serde_json::from_value(self.vault.job_params(id)?).ok(),
             _ => None,
         };
+        // A new --host restarts the sync towards that host (same job); the old target's disks
+        // stay marked inconsistent. Not once the primary was being started (phase 3).
+        let retarget = match (&prev, &o.host) {
+            (Some(p), Some(h)) if &p.host != h && p.phase < 3 => Some(p.host.clone()),
+            _ => None,
+        };
+        if let (Some(p), Some(h)) = (prev.as_mut(), &o.host) {
+            if retarget.is_some() {
+                *p = FailbackParams {
+                    sync: p.sync,
+                    host: h.clone(),
+                    create_vm: o.create_vm,
+                    phase: 1,
+                    ..Default::default()
+                };
+            }
+        }
         let sync = o
             .sync
             .or(prev.as_ref().and_then(|p| p.sync))
             .unwrap_or(SyncMode::Delta);
         let cmd = Command::Failback(sync);
         let next = begin(vm, item.state, cmd)?;
-        let in_phase2 = prev.as_ref().is_some_and(|p| p.phase == 2);
-        if let (Some(p), Some(h)) = (&prev, &o.host) {
-            if &p.host != h {
-                bail!("VM {vm} has an interrupted failback to host {}; resume it with `ferry failback {vm}` (without --host or with --host {})", p.host, p.host);
-            }
+        if let (Some(p), Some(id)) = (prev.clone().filter(|p| p.phase == 3), item.job) {
+            return Ok((
+                Some(self.failback_finish(&mut item, id, p, o.run.unwrap_or_default())?),
+                None,
+            ));
         }
+        let in_phase2 = prev.as_ref().is_some_and(|p| p.phase == 2);
         if let (Some(p), Some(s)) = (&prev, o.sync) {
             if let (true, Some(was)) = (in_phase2, p.sync.filter(|w| *w != s)) {
                 bail!("VM {vm} is in the middle of the final {} sync; resume it with `ferry failback {vm}` (without --sync)", was);
@@ -901,6 +968,12 @@ impl Engine {
         }
 
         // Everything checked: from here on things change.
+        if let Some(old) = &retarget {
+            self.note(&format!(
+                "restarting the failback towards host {} (was {old}); VM {vm}'s disks on {old} stay marked inconsistent",
+                thost.name
+            ));
+        }
         let (rec, why) = recommend(tinfo.is_some(), failed_for, None);
         self.note(&format!("recommendation: --sync {} ({why})", rec.as_str()));
         let (run, mut params) = match (&prev, item.job) {
@@ -984,6 +1057,33 @@ impl Engine {
         })();
         let (job, ()) = self.conclude(vm, effective_cmd, run, r)?;
         Ok((Some(job), None))
+    }
+
+    /// Finishes a failback interrupted after its data was complete: starts the primary VM.
+    fn failback_finish(
+        &self,
+        item: &mut ProtectedItem,
+        id: i64,
+        params: FailbackParams,
+        opts: RunOpts,
+    ) -> Result<Job> {
+        let vm = item.vm.clone();
+        let thost = self.host(&params.host)?;
+        let td = self.driver(&thost)?;
+        td.check_connected()?;
+        let run = self.resume_job(id, opts)?;
+        self.enter(item, ItemState::FailbackCompleting, id)?;
+        let r = (|| -> Result<(Outcome, ())> {
+            run.begin_step("start primary VM", 0);
+            td.start_vm(&vm)?;
+            run.end_step();
+            Ok((Outcome::Succeeded, ()))
+        })();
+        let cmd = match params.sync {
+            Some(SyncMode::Full) => Command::Failback(SyncMode::Full),
+            _ => Command::Complete,
+        };
+        Ok(self.conclude(&vm, cmd, run, r)?.0)
     }
 
     /// Phase 2 of a waiting delta failback.
@@ -1104,6 +1204,7 @@ impl Engine {
                         block_size: item.block_size,
                         target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
                         store: None,
+                        hasher: self.item_hasher(&item.vm)?,
                         write: None,
                         crosses_sites: false,
                     },
@@ -1153,6 +1254,7 @@ impl Engine {
                     block_size,
                     target: Arc::new(target),
                     store: Some(store.clone()),
+                    hasher: store.hasher(),
                     write: Some((dst.as_ref(), &mut journal)),
                     crosses_sites: true,
                 },
@@ -1172,7 +1274,7 @@ impl Engine {
         params: &mut FailbackParams,
     ) -> Result<()> {
         let vm = &item.vm;
-        let store = self.store(&item.recovery_site)?;
+        let store = self.item_store(item)?;
         let total: u64 = rinfo.disks.iter().map(|d| d.size).sum();
         run.begin_step("sync disks (phase 1)", total);
         let stamps = rinfo
@@ -1204,13 +1306,14 @@ impl Engine {
     ) -> Result<()> {
         let vm = &rinfo.name;
         let item = self.item(vm)?;
-        let store = self.store(&item.recovery_site)?;
+        let store = self.item_store(&item)?;
         run.begin_step("stop recovery VM", 0);
         let was_running = rd.get_vm(vm)?.map(|v| v.power) == Some(Power::Running);
         let down = Instant::now();
-        rd.stop_vm(vm)?;
+        // Recorded before stopping, so a crash in between resumes as phase 2, never phase 1.
         params.phase = 2;
         self.save_params(run, params)?;
+        rd.stop_vm(vm)?;
         run.end_step();
         let step = if params.sync == Some(SyncMode::Full) {
             "download all blocks"
@@ -1256,6 +1359,7 @@ impl Engine {
                         block_size: item.block_size,
                         target: Arc::new(m.clone()),
                         store: None,
+                        hasher: self.item_hasher(&item.vm)?,
                         write: None,
                         crosses_sites: false,
                     },
@@ -1289,8 +1393,14 @@ impl Engine {
         let mut it = self.item(vm)?;
         it.primary_host = thost.name.clone();
         self.vault.update_item(&it)?;
+        // Recorded before starting: after a crash right here, a re-run only starts the
+        // primary (its disks are complete) and never syncs over a primary that already runs.
+        params.phase = 3;
+        self.save_params(run, params)?;
+        crate::fault("failback-before-start-primary");
         run.begin_step("start primary VM", 0);
         td.start_vm(vm)?;
+        crate::fault("failback-after-start-primary");
         if was_running || params.rounds > 0 {
             run.set_downtime(down.elapsed());
         }
@@ -1322,7 +1432,7 @@ impl Engine {
                 let mut buf = vec![0u8; (r.end - r.start) as usize];
                 dev.read_at(r.start, &mut buf)?;
                 run.ctx.add_read(buf.len() as u64);
-                let h = ferry_blocks::hash_block(&buf);
+                let h = store.hasher().hash(&buf);
                 if h != m.hashes[b as usize] {
                     bail!("recovery disk {i} of VM {vm} changed while stopped (block {b}); re-run `ferry failback {vm}`");
                 }
@@ -1398,6 +1508,7 @@ impl Engine {
                                     block_size: item.block_size,
                                     target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
                                     store: None,
+                                    hasher: self.item_hasher(&item.vm)?,
                                     write: None,
                                     crosses_sites: false,
                                 },
@@ -1420,6 +1531,7 @@ impl Engine {
                     block_size: item.block_size,
                     target: Arc::new(target),
                     store: None,
+                    hasher: self.item_hasher(&item.vm)?,
                     write: None,
                     crosses_sites: false,
                 },
@@ -1540,6 +1652,7 @@ impl Engine {
     /// Reads back every block of a point and checks it against its hash.
     pub fn verify(&self, vm: &str, point: Option<i64>) -> Result<VerifyReport> {
         let item = self.item(vm)?;
+        self.require_key(vm)?;
         let p = match point {
             Some(id) => self
                 .vault
@@ -1557,7 +1670,7 @@ impl Engine {
                 .next()
                 .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet"))?,
         };
-        let store = self.store(&item.recovery_site)?;
+        let store = self.item_store(&item)?;
         let m = store
             .get_manifest(&p.manifest)
             .with_context(|| format!("point {}: manifest unreadable", p.id))?;

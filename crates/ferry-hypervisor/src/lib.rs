@@ -20,7 +20,7 @@ pub const SUPPORTED_FORMATS: &[&str] = &["raw"];
 #[derive(Debug, thiserror::Error)]
 pub enum HvError {
     /// The host cannot be reached.
-    #[error("host {host} is not connected: its root folder {root} is not accessible ({reason}); check the host or re-add it with `ferry host add {host} --root DIR`")]
+    #[error("host {host} is not connected: its root folder {root} is not accessible ({reason}); check that the folder exists and is readable here (a missing mount?), then retry")]
     NotConnected {
         /// Host name.
         host: String,

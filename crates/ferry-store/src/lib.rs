@@ -8,15 +8,19 @@
 //! - `index/<id>.idx`: the pack's entries, written only after the pack is complete, so a
 //!   crash never leaves an index entry pointing at a missing or partial pack;
 //! - `points/<vm>/<id>.manifest`: a recovery point (see `ferry_blocks::Manifest`).
+//!
+//! Data replicated with an encryption key lives under `k/<key id>/` with the same layout; there
+//! every frame, index and manifest is sealed (see [`crypto`]) and block ids are keyed hashes.
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use ferry_blocks::{Hash, Manifest};
+use ferry_blocks::{Hash, Hasher, Manifest};
 use futures::TryStreamExt;
 use object_store::{path::Path as ObjPath, ObjectStore, PutPayload};
 
 pub mod backend;
+pub mod crypto;
 mod pack;
 pub use pack::{decode, encode, Codec, PackWriter};
 
@@ -24,7 +28,7 @@ pub use pack::{decode, encode, Codec, PackWriter};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store URL is not one ferry understands.
-    #[error("unsupported store URL {0:?}: use file:///absolute/dir (az:// and s3:// are not built in yet)")]
+    #[error("unsupported store URL {0:?}: use file:///absolute/dir, az://CONTAINER[/prefix] or s3://BUCKET[/prefix]")]
     Url(String),
     /// The object store failed or is unreachable.
     #[error("store {url}: {source}")]
@@ -74,8 +78,12 @@ pub struct Location {
 /// A recovery-point store.
 pub struct Store {
     url: String,
+    prefix: String,
+    sealer: Option<crypto::Sealer>,
+    hasher: Hasher,
     os: Arc<dyn ObjectStore>,
     rt: tokio::runtime::Runtime,
+    lease: std::sync::Mutex<Option<Lease>>,
     index: RwLock<HashMap<Hash, Location>>,
 }
 
@@ -85,14 +93,31 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// A lease left unrenewed this long belongs to a dead job and is ignored.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+const LEASE_RENEW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A job's mark that it uses the store (`locks/<id>.lease`, store-wide): while another job's
+/// lease is live, retention and garbage collection hold off, so nothing a running job writes
+/// or reads is deleted under it.
+struct Lease {
+    path: ObjPath,
+    renew: tokio::task::JoinHandle<()>,
+}
+
 /// Key of a point's manifest.
 pub fn manifest_key(vm: &str, point: i64) -> String {
     format!("points/{vm}/{point:012}.manifest")
 }
 
 impl Store {
-    /// Opens the store at `url` (`file:///abs/dir`), creating it if needed, and loads its index.
+    /// Opens the plaintext namespace of the store at `url`, creating it if needed, and loads its index.
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, None)
+    }
+
+    /// Opens the store at `url` in the namespace of `key` (plaintext when None).
+    pub fn open_with(url: &str, key: Option<&crypto::Key>) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -101,6 +126,10 @@ impl Store {
         let os = rt.block_on(backend::open(url))?;
         let store = Store {
             url: url.into(),
+            prefix: key.map(|k| format!("k/{}/", k.id())).unwrap_or_default(),
+            sealer: key.map(crypto::Sealer::new),
+            hasher: Hasher::keyed(key.map(|k| k.block_id_key())),
+            lease: std::sync::Mutex::new(None),
             os,
             rt,
             index: RwLock::new(HashMap::new()),
@@ -127,16 +156,14 @@ impl Store {
             .rt
             .block_on(
                 self.os
-                    .list(Some(&ObjPath::from("index")))
+                    .list(Some(&self.path("index")))
                     .try_collect::<Vec<_>>(),
             )
             .map_err(self.backend())?;
         let mut idx = HashMap::new();
         for m in metas {
             let b = self.get(&m.location)?;
-            for (h, loc) in
-                pack::parse_index(&b).ok_or_else(|| StoreError::Format(m.location.to_string()))?
-            {
+            for (h, loc) in self.parse_index(&m.location, &b)? {
                 idx.insert(h, loc);
             }
         }
@@ -159,6 +186,91 @@ impl Store {
         self.index.read().unwrap().len()
     }
 
+    /// Takes a lease on the store for as long as this `Store` lives (renewed in the background).
+    pub fn hold_lease(&self, what: &str) -> Result<()> {
+        let id: u64 = rand::random();
+        let path = ObjPath::from(format!("locks/{id:016x}.lease"));
+        let body = bytes::Bytes::from(format!(
+            "{{\"what\":{:?},\"pid\":{}}}",
+            what,
+            std::process::id()
+        ));
+        self.rt
+            .block_on(self.os.put(&path, PutPayload::from(body.clone())))
+            .map_err(self.backend())?;
+        let (os, p) = (self.os.clone(), path.clone());
+        let renew = self.rt.spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                let _ = os.put(&p, PutPayload::from(body.clone())).await;
+            }
+        });
+        if let Some(old) = self.lease.lock().unwrap().replace(Lease { path, renew }) {
+            old.renew.abort();
+            let _ = self.rt.block_on(self.os.delete(&old.path));
+        }
+        Ok(())
+    }
+
+    /// True when a job other than this one holds a live lease on the store.
+    pub fn others_active(&self) -> Result<bool> {
+        let own = self.lease.lock().unwrap().as_ref().map(|l| l.path.clone());
+        let leases: Vec<_> = self
+            .rt
+            .block_on(
+                self.os
+                    .list(Some(&ObjPath::from("locks")))
+                    .try_collect::<Vec<_>>(),
+            )
+            .map_err(self.backend())?;
+        let now = chrono_now();
+        Ok(leases.iter().any(|m| {
+            Some(&m.location) != own.as_ref()
+                && now - m.last_modified.timestamp() < LEASE_TTL.as_secs() as i64
+        }))
+    }
+
+    /// How block ids are computed in this namespace.
+    pub fn hasher(&self) -> Hasher {
+        self.hasher
+    }
+
+    /// Bytes a stored frame adds to the encoded block (encryption nonce and tag).
+    pub fn frame_overhead(&self) -> usize {
+        if self.sealer.is_some() {
+            crypto::SEAL_OVERHEAD
+        } else {
+            0
+        }
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        ObjPath::from(format!("{}{key}", self.prefix))
+    }
+
+    pub(crate) fn seal(&self, data: Vec<u8>, aad: &[u8]) -> Vec<u8> {
+        match &self.sealer {
+            Some(s) => s.seal(&data, aad),
+            None => data,
+        }
+    }
+
+    fn unseal(&self, data: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+        match &self.sealer {
+            Some(s) => s.open(data, aad),
+            None => Some(data.to_vec()),
+        }
+    }
+
+    fn parse_index(&self, at: &ObjPath, b: &[u8]) -> Result<Vec<(Hash, Location)>> {
+        let plain = self.unseal(b, b"ferry index").ok_or_else(|| {
+            StoreError::Format(format!(
+                "{at} (cannot be decrypted: altered, or another key's)"
+            ))
+        })?;
+        pack::parse_index(&plain).ok_or_else(|| StoreError::Format(at.to_string()))
+    }
+
     fn get(&self, key: &ObjPath) -> Result<Bytes> {
         self.rt
             .block_on(async { self.os.get(key).await?.bytes().await })
@@ -167,7 +279,7 @@ impl Store {
 
     fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
         self.rt
-            .block_on(self.os.put(&ObjPath::from(key), PutPayload::from(data)))
+            .block_on(self.os.put(&self.path(key), PutPayload::from(data)))
             .map_err(self.backend())?;
         Ok(())
     }
@@ -180,10 +292,8 @@ impl Store {
         entries: Vec<(Hash, Location)>,
     ) -> Result<()> {
         self.put(&format!("packs/{id:032x}.pack"), data)?;
-        self.put(
-            &format!("index/{id:032x}.idx"),
-            pack::index_bytes(id, &entries),
-        )?;
+        let index = self.seal(pack::index_bytes(id, &entries), b"ferry index");
+        self.put(&format!("index/{id:032x}.idx"), index)?;
         let mut idx = self.index.write().unwrap();
         for (h, loc) in entries {
             idx.insert(h, loc);
@@ -196,7 +306,7 @@ impl Store {
         let loc = self
             .locate(h)
             .ok_or_else(|| StoreError::Missing(hex::encode(h)))?;
-        let key = ObjPath::from(format!("packs/{:032x}.pack", loc.pack));
+        let key = self.path(&format!("packs/{:032x}.pack", loc.pack));
         let range = loc.offset as usize..(loc.offset + loc.len as u64) as usize;
         let frame = self
             .rt
@@ -206,29 +316,36 @@ impl Store {
             pack: format!("{:032x}", loc.pack),
             block: hex::encode(h),
         };
+        let frame = self.unseal(&frame, h).ok_or_else(corrupt)?;
         let raw = pack::decode(&frame, loc).ok_or_else(corrupt)?;
-        if ferry_blocks::hash_block(&raw) != *h {
+        if self.hasher.hash(&raw) != *h {
             return Err(corrupt());
         }
         Ok(raw)
     }
 
-    /// Stores a recovery point's manifest.
+    /// Stores a recovery point's manifest (sealed, and bound to its name, when encrypted).
     pub fn put_manifest(&self, vm: &str, point: i64, m: &Manifest) -> Result<String> {
         let key = manifest_key(vm, point);
-        self.put(&key, m.to_bytes())?;
+        let data = self.seal(m.to_bytes(), key.as_bytes());
+        self.put(&key, data)?;
         Ok(key)
     }
 
     /// Reads a recovery point's manifest.
     pub fn get_manifest(&self, key: &str) -> Result<Manifest> {
-        let b = self.get(&ObjPath::from(key))?;
-        Manifest::from_bytes(&b).map_err(|_| StoreError::Format(key.into()))
+        let b = self.get(&self.path(key))?;
+        let plain = self.unseal(&b, key.as_bytes()).ok_or_else(|| {
+            StoreError::Format(format!(
+                "{key} (cannot be decrypted: altered, or another key's)"
+            ))
+        })?;
+        Manifest::from_bytes(&plain).map_err(|_| StoreError::Format(key.into()))
     }
 
     /// Deletes a recovery point's manifest (its blocks go with the next garbage collection).
     pub fn delete_manifest(&self, key: &str) -> Result<()> {
-        match self.rt.block_on(self.os.delete(&ObjPath::from(key))) {
+        match self.rt.block_on(self.os.delete(&self.path(key))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.backend()(e)),
         }
@@ -238,17 +355,21 @@ impl Store {
     /// older than `grace` (so packs a running job just wrote are never collected). Returns the
     /// number of packs deleted.
     pub fn collect_garbage(&self, grace: std::time::Duration) -> Result<usize> {
+        if self.others_active()? {
+            return Ok(0); // another job may be writing or reading packs: try next time
+        }
         let manifests: Vec<_> = self
             .rt
             .block_on(
                 self.os
-                    .list(Some(&ObjPath::from("points")))
+                    .list(Some(&self.path("points")))
                     .try_collect::<Vec<_>>(),
             )
             .map_err(self.backend())?;
         let mut live = std::collections::HashSet::new();
         for m in manifests {
-            let man = self.get_manifest(m.location.as_ref())?;
+            let name = m.location.as_ref();
+            let man = self.get_manifest(name.strip_prefix(self.prefix.as_str()).unwrap_or(name))?;
             for d in &man.disks {
                 live.extend(d.hashes.iter().copied());
             }
@@ -257,7 +378,7 @@ impl Store {
             .rt
             .block_on(
                 self.os
-                    .list(Some(&ObjPath::from("index")))
+                    .list(Some(&self.path("index")))
                     .try_collect::<Vec<_>>(),
             )
             .map_err(self.backend())?;
@@ -268,8 +389,7 @@ impl Store {
                 continue;
             }
             let b = self.get(&p.location)?;
-            let entries =
-                pack::parse_index(&b).ok_or_else(|| StoreError::Format(p.location.to_string()))?;
+            let entries = self.parse_index(&p.location, &b)?;
             if entries.iter().any(|(h, _)| live.contains(h)) {
                 continue;
             }
@@ -285,7 +405,7 @@ impl Store {
                 .map_err(self.backend())?;
             let _ = self
                 .rt
-                .block_on(self.os.delete(&ObjPath::from(format!("packs/{id}.pack"))));
+                .block_on(self.os.delete(&self.path(&format!("packs/{id}.pack"))));
             let mut idx = self.index.write().unwrap();
             for (h, _) in entries {
                 idx.remove(&h);
@@ -301,6 +421,19 @@ fn chrono_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs() as i64
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(l) = self.lease.get_mut().unwrap().take() {
+            l.renew.abort();
+            // Bounded: on a dead server the lease simply expires after LEASE_TTL.
+            let del = self.os.delete(&l.path);
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(2), del).await
+            });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -392,5 +525,77 @@ mod tests {
         );
         assert_eq!(s.collect_garbage(std::time::Duration::ZERO).unwrap(), 1);
         assert!(!s.contains(&h));
+    }
+
+    #[test]
+    fn a_live_lease_holds_off_garbage_collection() {
+        let (dir, s) = open_temp();
+        let url = format!("file://{}", dir.path().display());
+        let s = Arc::new(s);
+        let mut w = PackWriter::new(s.clone(), 1 << 20);
+        let a = vec![5u8; 4096];
+        w.add(ferry_blocks::hash_block(&a), &a, Codec::Raw, 4096)
+            .unwrap();
+        w.finish().unwrap();
+        // The pack is unreferenced; another job holds a lease: nothing is collected.
+        let job = Store::open(&url).unwrap();
+        job.hold_lease("replicate vm1").unwrap();
+        let gc = Store::open(&url).unwrap();
+        gc.hold_lease("gc").unwrap();
+        assert!(gc.others_active().unwrap());
+        assert!(!job.others_active().unwrap() || gc.others_active().unwrap());
+        assert_eq!(gc.collect_garbage(std::time::Duration::ZERO).unwrap(), 0);
+        drop(job); // the job ends and releases its lease
+        assert!(!gc.others_active().unwrap());
+        assert_eq!(gc.collect_garbage(std::time::Duration::ZERO).unwrap(), 1);
+    }
+
+    #[test]
+    fn encrypted_namespace_hides_plaintext_and_refuses_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let key = crypto::Key::generate();
+        let s = Arc::new(Store::open_with(&url, Some(&key)).unwrap());
+        let text = b"TOP-SECRET-PAYROLL-RECORD ".repeat(2521);
+        let block = &text[..65536];
+        let h = s.hasher().hash(block);
+        assert_ne!(h, ferry_blocks::hash_block(block), "block ids are keyed");
+        let mut comp = zstd::bulk::Compressor::new(1).unwrap();
+        let (f, c) = encode(&mut comp, block);
+        let mut w = PackWriter::new(s.clone(), 1 << 20);
+        w.add(h, &f, c, block.len() as u32).unwrap();
+        w.finish().unwrap();
+        let mut m = ferry_blocks::BlockMap::zeros(65536, 65536);
+        m.hashes[0] = h;
+        let mkey = s
+            .put_manifest("vm1", 1, &Manifest { disks: vec![m] })
+            .unwrap();
+        // Same key, new process: everything readable.
+        let again = Store::open_with(&url, Some(&key)).unwrap();
+        assert_eq!(again.read_block(&h).unwrap(), block);
+        assert_eq!(again.get_manifest(&mkey).unwrap().disks[0].hashes[0], h);
+        // Another key or no key: nothing of it is visible.
+        let other = Store::open_with(&url, Some(&crypto::Key::generate())).unwrap();
+        assert!(!other.contains(&h));
+        assert!(other.get_manifest(&mkey).is_err());
+        assert!(!Store::open(&url).unwrap().contains(&h));
+        // No stored object holds the plaintext (compressed or not) or the key.
+        let mut stack = vec![dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let b = std::fs::read(&p).unwrap();
+                assert!(
+                    !b.windows(20).any(|w| w == &text[..20]),
+                    "plaintext in {}",
+                    p.display()
+                );
+                assert!(!b.windows(16).any(|w| w == &key.block_id_key()[..16]));
+            }
+        }
     }
 }

@@ -118,17 +118,18 @@ impl PackWriter {
         if self.store.contains(&h) || self.pending.contains(&h) {
             return Ok(false);
         }
+        let sealed = self.store.seal(frame.to_vec(), &h);
         let loc = Location {
             pack: self.id,
             offset: self.data.len() as u64,
-            len: frame.len() as u32,
+            len: sealed.len() as u32,
             raw_len,
             codec,
         };
-        self.data.extend_from_slice(frame);
+        self.data.extend_from_slice(&sealed);
         self.entries.push((h, loc));
         self.pending.insert(h);
-        self.bytes_added += frame.len() as u64;
+        self.bytes_added += loc.len as u64;
         if self.data.len() >= self.target {
             self.flush()?;
         }
