@@ -5,6 +5,7 @@ mod harness;
 mod harness_selftest;
 
 mod cli;
+mod cloud;
 mod crashes;
 mod encryption;
 mod failback_rules;

@@ -11,6 +11,8 @@ use ferry_store::{encode, Codec, PackWriter, Store};
 
 use crate::jobs::{Cancelled, JobCtx};
 
+/// Blocks fetched from the store per request group when restoring (coalesced ranged reads).
+const RESTORE_GROUP: usize = 64;
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
 /// Bytes of pending target writes collected before they are written out.
@@ -447,6 +449,7 @@ pub fn restore(
     store: &Arc<Store>,
     map: &BlockMap,
     dev: &dyn BlockDevice,
+    label: &str,
 ) -> Result<()> {
     let wanted: Vec<u64> = (0..map.len() as u64)
         .filter(|&i| map.hashes[i as usize] != ZERO)
@@ -457,7 +460,7 @@ pub fn restore(
     std::thread::scope(|s| -> Result<()> {
         let wanted_ref = &wanted;
         s.spawn(move || {
-            for group in wanted_ref.chunks(CHUNK_BLOCKS as usize) {
+            for group in wanted_ref.chunks(RESTORE_GROUP) {
                 if ctx.is_cancelled() || job_tx.send(group.to_vec()).is_err() {
                     break;
                 }
@@ -469,14 +472,14 @@ pub fn restore(
             let store = store.clone();
             s.spawn(move || {
                 for group in job_rx.iter() {
-                    let r: Result<Vec<_>> = group
-                        .iter()
-                        .map(|&i| {
-                            let h = map.hashes[i as usize];
-                            let data = store.read_block(&h)?;
-                            Ok((i, data))
-                        })
-                        .collect();
+                    let hashes: Vec<Hash> = group.iter().map(|&i| map.hashes[i as usize]).collect();
+                    let r: Result<Vec<_>> = store
+                        .read_blocks(&hashes)
+                        .map(|blocks| group.iter().copied().zip(blocks).collect())
+                        .map_err(|e| {
+                            let first = group.first().copied().unwrap_or(0);
+                            anyhow::Error::new(e).context(format!("{label}, blocks from {first}"))
+                        });
                     if out_tx.send(r).is_err() {
                         break;
                     }

@@ -751,7 +751,13 @@ impl Engine {
                 let mut stamps = Vec::new();
                 for (i, m) in manifest.disks.iter().enumerate() {
                     let dev = rd.open_disk(vm, i as u32, true)?;
-                    restore(&run.ctx, &store, m, dev.as_ref())?;
+                    restore(
+                        &run.ctx,
+                        &store,
+                        m,
+                        dev.as_ref(),
+                        &format!("point {}, disk {i}", point.id),
+                    )?;
                     self.save_map(vm, Copy::Recovery, i as u32, m)?;
                     stamps.push(rd.disk_stamp(vm, i as u32)?);
                 }

@@ -84,7 +84,7 @@ pub struct Store {
     os: Arc<dyn ObjectStore>,
     rt: tokio::runtime::Runtime,
     lease: std::sync::Mutex<Option<Lease>>,
-    index: RwLock<HashMap<Hash, Location>>,
+    index: Arc<RwLock<HashMap<Hash, Location>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -132,7 +132,7 @@ impl Store {
             lease: std::sync::Mutex::new(None),
             os,
             rt,
-            index: RwLock::new(HashMap::new()),
+            index: Arc::new(RwLock::new(HashMap::new())),
         };
         store.load_index()?;
         Ok(store)
@@ -284,21 +284,98 @@ impl Store {
         Ok(())
     }
 
-    /// Uploads a finished pack, then its index, then publishes its blocks.
-    pub(crate) fn put_pack(
+    /// Starts uploading a finished pack in the background: the pack, then its index, then its
+    /// blocks become visible (so no index ever points at a missing or partial pack).
+    pub(crate) fn spawn_pack_upload(
         &self,
         id: u128,
         data: Vec<u8>,
         entries: Vec<(Hash, Location)>,
-    ) -> Result<()> {
-        self.put(&format!("packs/{id:032x}.pack"), data)?;
+    ) -> tokio::task::JoinHandle<Result<()>> {
         let index = self.seal(pack::index_bytes(id, &entries), b"ferry index");
-        self.put(&format!("index/{id:032x}.idx"), index)?;
-        let mut idx = self.index.write().unwrap();
-        for (h, loc) in entries {
-            idx.insert(h, loc);
+        let (os, map, url) = (self.os.clone(), self.index.clone(), self.url.clone());
+        let (pack_path, index_path) = (
+            self.path(&format!("packs/{id:032x}.pack")),
+            self.path(&format!("index/{id:032x}.idx")),
+        );
+        self.rt.spawn(async move {
+            let fail = |source| StoreError::Backend {
+                url: url.clone(),
+                source,
+            };
+            os.put(&pack_path, PutPayload::from(data))
+                .await
+                .map_err(fail)?;
+            os.put(&index_path, PutPayload::from(index))
+                .await
+                .map_err(fail)?;
+            let mut idx = map.write().unwrap();
+            for (h, loc) in entries {
+                idx.insert(h, loc);
+            }
+            Ok(())
+        })
+    }
+
+    /// Waits for a background upload.
+    pub(crate) fn join_upload(&self, h: tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+        self.rt
+            .block_on(h)
+            .unwrap_or_else(|e| Err(StoreError::Format(format!("pack upload task failed: {e}"))))
+    }
+
+    /// How many packs may upload at once: several for a network store (latency), one locally.
+    pub fn upload_parallelism(&self) -> usize {
+        if self.url.starts_with("file://") {
+            1
+        } else {
+            4
         }
-        Ok(())
+    }
+
+    /// Reads several blocks, fetching neighbouring frames of one pack with coalesced ranged
+    /// reads; each block is decoded and checked against its hash.
+    pub fn read_blocks(&self, hashes: &[Hash]) -> Result<Vec<Vec<u8>>> {
+        let mut locs = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            locs.push(
+                self.locate(h)
+                    .ok_or_else(|| StoreError::Missing(hex::encode(h)))?,
+            );
+        }
+        let mut by_pack: HashMap<u128, Vec<usize>> = HashMap::new();
+        for (i, l) in locs.iter().enumerate() {
+            by_pack.entry(l.pack).or_default().push(i);
+        }
+        let mut out: Vec<Vec<u8>> = vec![Vec::new(); hashes.len()];
+        for (pack, idxs) in by_pack {
+            let key = self.path(&format!("packs/{pack:032x}.pack"));
+            let ranges: Vec<std::ops::Range<usize>> = idxs
+                .iter()
+                .map(|&i| locs[i].offset as usize..(locs[i].offset + locs[i].len as u64) as usize)
+                .collect();
+            let frames = self
+                .rt
+                .block_on(self.os.get_ranges(&key, &ranges))
+                .map_err(self.backend())?;
+            for (&i, frame) in idxs.iter().zip(frames) {
+                out[i] = self.decode_checked(&hashes[i], locs[i], &frame)?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn decode_checked(&self, h: &Hash, loc: Location, frame: &[u8]) -> Result<Vec<u8>> {
+        let corrupt = || StoreError::Corrupt {
+            pack: format!("{:032x}", loc.pack),
+            block: hex::encode(h),
+        };
+        let frame = self.unseal(frame, h).ok_or_else(corrupt)?;
+        let raw = pack::decode(&frame, loc).ok_or_else(corrupt)?;
+        if self.hasher.hash(&raw) != *h {
+            return Err(corrupt());
+        }
+        Ok(raw)
     }
 
     /// Reads one block's frame, decodes it and checks it against its hash.
@@ -312,16 +389,7 @@ impl Store {
             .rt
             .block_on(self.os.get_range(&key, range))
             .map_err(self.backend())?;
-        let corrupt = || StoreError::Corrupt {
-            pack: format!("{:032x}", loc.pack),
-            block: hex::encode(h),
-        };
-        let frame = self.unseal(&frame, h).ok_or_else(corrupt)?;
-        let raw = pack::decode(&frame, loc).ok_or_else(corrupt)?;
-        if self.hasher.hash(&raw) != *h {
-            return Err(corrupt());
-        }
-        Ok(raw)
+        self.decode_checked(h, loc, &frame)
     }
 
     /// Stores a recovery point's manifest (sealed, and bound to its name, when encrypted).

@@ -94,7 +94,9 @@ pub struct PackWriter {
     id: u128,
     data: Vec<u8>,
     entries: Vec<(Hash, Location)>,
+    /// Blocks added by this writer (also those still uploading).
     pending: std::collections::HashSet<Hash>,
+    uploads: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
     /// Frame bytes accepted (new to the store) so far.
     pub bytes_added: u64,
 }
@@ -109,6 +111,7 @@ impl PackWriter {
             data: Vec::new(),
             entries: Vec::new(),
             pending: Default::default(),
+            uploads: Default::default(),
             bytes_added: 0,
         }
     }
@@ -143,14 +146,35 @@ impl PackWriter {
         }
         let data = std::mem::take(&mut self.data);
         let entries = std::mem::take(&mut self.entries);
-        self.store.put_pack(self.id, data, entries)?;
-        self.pending.clear();
+        self.uploads
+            .push_back(self.store.spawn_pack_upload(self.id, data, entries));
         self.id = rand::random();
+        // Bounded: at most `upload_parallelism` packs in flight (memory stays bounded too).
+        while self.uploads.len() > self.store.upload_parallelism().saturating_sub(1) {
+            let h = self.uploads.pop_front().expect("non-empty");
+            self.store.join_upload(h)?;
+        }
         Ok(())
     }
 
-    /// Uploads what is left; every added block is then readable.
+    /// Uploads what is left and waits for every upload; every added block is then readable.
     pub fn finish(mut self) -> Result<()> {
-        self.flush()
+        self.flush()?;
+        let mut first_err = None;
+        while let Some(h) = self.uploads.pop_front() {
+            if let Err(e) = self.store.join_upload(h) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        // Abandoned uploads (an error elsewhere) are waited for, never left running detached.
+        while let Some(h) = self.uploads.pop_front() {
+            let _ = self.store.join_upload(h);
+        }
     }
 }

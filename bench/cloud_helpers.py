@@ -1,0 +1,317 @@
+#!/usr/bin/env python3
+"""Helpers for bench/cloud.sh: incompressible disk content, the plain Azure Blob client
+(put/get of the same bytes in fixed-size objects), stored-object sizes and the Markdown report.
+
+The `plain`, `stored` and `clear` commands need `azure-storage-blob` (cloud.sh installs it
+into a venv under bench/out); everything else is standard library only.
+
+  cloud_helpers.py rand FILE SIZE SEED
+        fill FILE with SIZE deterministic random (incompressible) bytes, fsync
+  cloud_helpers.py plain ENDPOINT CONTAINER FILE OBJ_SIZE THREADS [PREFIX]
+        upload FILE in OBJ_SIZE objects with THREADS parallel workers (one Put Blob per object),
+        then download them all (one GET per object, data discarded after a length check);
+        prints put_s=, get_s=, objects=, bytes= (seconds measured inside Python, after imports)
+  cloud_helpers.py stored ENDPOINT CONTAINER PREFIX     -> bytes=, objects= of blobs under PREFIX
+  cloud_helpers.py clear ENDPOINT CONTAINER             delete the container (ignore if missing)
+  cloud_helpers.py report MEASUREMENTS_FILE             Markdown report on stdout
+
+ENDPOINT is Azurite's blob URL, e.g. http://127.0.0.1:10471 (the well-known dev account is used).
+"""
+
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from failback_helpers import fmt_bytes, fmt_rss, load, num, parse_size, verdict  # noqa: E402
+
+# Azurite's well-known development account (public, documented by Microsoft).
+DEV_ACCOUNT = "devstoreaccount1"
+DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+MiB = 1024 * 1024
+
+
+def rand(path: str, size: int, seed: int) -> None:
+    rng = random.Random(seed)
+    step = 4 * MiB
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = size
+        while left > 0:
+            n = min(step, left)
+            os.write(fd, rng.randbytes(n))
+            left -= n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    print(f"generated {path}: {size} random bytes (incompressible)", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# plain client
+# ---------------------------------------------------------------------------
+def conn_str(endpoint: str) -> str:
+    endpoint = endpoint.rstrip("/")
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={DEV_ACCOUNT};AccountKey={DEV_KEY};"
+        f"BlobEndpoint={endpoint}/{DEV_ACCOUNT};"
+    )
+
+
+def service(endpoint: str):
+    from azure.storage.blob import BlobServiceClient
+
+    return BlobServiceClient.from_connection_string(conn_str(endpoint))
+
+
+def plain(endpoint: str, container: str, path: str, obj: int, threads: int, prefix: str) -> None:
+    size = os.path.getsize(path)
+    offsets = list(range(0, size, obj))
+    svc = service(endpoint)
+    cc = svc.get_container_client(container)
+    try:
+        cc.create_container()
+    except Exception as e:  # ResourceExistsError
+        if "ContainerAlreadyExists" not in str(e):
+            raise
+    # One client (and so one HTTP connection pool) per worker thread.
+    local = threading.local()
+
+    def client():
+        c = getattr(local, "cc", None)
+        if c is None:
+            c = service(endpoint).get_container_client(container)
+            local.cc = c
+        return c
+
+    fd = os.open(path, os.O_RDONLY)
+
+    def name(off):
+        return f"{prefix}obj-{off // obj:06d}"
+
+    def put(off):
+        n = min(obj, size - off)
+        data = os.pread(fd, n, off)
+        # 16 MiB < max_single_put_size (64 MiB): one Put Blob request per object.
+        client().upload_blob(name(off), data, overwrite=True, max_concurrency=1)
+        return n
+
+    def get(off):
+        n = min(obj, size - off)
+        # 16 MiB < max_single_get_size (32 MiB): one GET per object.
+        data = client().download_blob(name(off), max_concurrency=1).readall()
+        if len(data) != n:
+            raise SystemExit(f"error: {name(off)}: got {len(data)} bytes, expected {n}")
+        return n
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads, initializer=client) as ex:
+            t0 = time.perf_counter()
+            put_bytes = sum(ex.map(put, offsets))
+            t1 = time.perf_counter()
+            get_bytes = sum(ex.map(get, offsets))
+            t2 = time.perf_counter()
+    finally:
+        os.close(fd)
+    assert put_bytes == get_bytes == size
+    for off in offsets:
+        cc.delete_blob(name(off))
+    print(f"put_s={t1 - t0:.3f}")
+    print(f"get_s={t2 - t1:.3f}")
+    print(f"objects={len(offsets)}")
+    print(f"bytes={size}")
+
+
+def stored(endpoint: str, container: str, prefix: str) -> None:
+    cc = service(endpoint).get_container_client(container)
+    total = count = 0
+    for b in cc.list_blobs(name_starts_with=prefix):
+        total += b.size
+        count += 1
+    print(f"bytes={total}")
+    print(f"objects={count}")
+
+
+def clear(endpoint: str, container: str) -> None:
+    try:
+        service(endpoint).get_container_client(container).delete_container()
+    except Exception as e:  # ResourceNotFoundError
+        if "ContainerNotFound" not in str(e):
+            raise
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+def mibs(nbytes, s):
+    if nbytes is None or not s:
+        return None
+    return nbytes / s / MiB
+
+
+def fmt_mibs(v):
+    return "–" if v is None else f"{v:.0f} MiB/s"
+
+
+def fmt_s(s):
+    return "–" if s is None else f"{s:.2f}"
+
+
+def median_of(m, key):
+    vals = [float(v) for v in m.get(key, "").split() if v]
+    return statistics.median(vals) if vals else None
+
+
+DATASETS = {
+    "mixed": "mixed (~55% random, ~30% text-like, ~15% zero blocks)",
+    "random": "random (incompressible)",
+}
+
+
+def report(path: str) -> str:
+    m = load(path)
+    size = num(m, "size_bytes")
+    threads = m.get("plain_threads", "1 8").split()
+    datasets = [d for d in m.get("datasets", "mixed random").split() if d in DATASETS]
+    out = []
+    out.append(f"### Cloud stores and encryption — {m.get('size_label', '?')} disk")
+    out.append("")
+    out.append(
+        f"- when: {m.get('date', '?')}; measured: {m.get('ferry_version', '?')}; machine: {m.get('cpu', '?')}, "
+        f"{m.get('cores', '?')} cores, {m.get('mem', '?')} RAM; kernel {m.get('kernel', '?')}; "
+        f"filesystem {m.get('fstype', '?')}; load average at start {m.get('loadavg', '?')}, "
+        f"at end {m.get('loadavg_end', '?')}"
+    )
+    out.append(
+        f"- server: Azurite {m.get('azurite_version', '?')} (in-memory, 127.0.0.1, its own port); "
+        f"plain client: Python {m.get('python_version', '?')} azure-storage-blob "
+        f"{m.get('sdk_version', '?')}, {fmt_bytes(num(m, 'obj_bytes'))} objects (one Put Blob / one GET "
+        f"each), {' and '.join(threads)} threads; ferry: default `--threads` "
+        f"({m.get('ferry_threads', '?')}), one run per step"
+    )
+    out.append(
+        "- throughput: *effective* = disk size ÷ seconds; *wire* = bytes that crossed the HTTP "
+        "connection ÷ seconds (ferry protect: `bytes_transferred` of its job; ferry restore: the pack "
+        "bytes stored in the container, which the restore reads back; plain client: the object bytes)"
+    )
+    out.append("")
+
+    out.append("#### Through Azurite: ferry vs a plain client on the same server and the same bytes")
+    out.append("")
+    out.append("| data | what | seconds | wire bytes | effective | wire | peak RSS |")
+    out.append("|---|---|---:|---:|---:|---:|---:|")
+    targets = []
+    for d in datasets:
+        p = f"az_{d}_"
+        ps, fs = num(m, p + "protect_s"), num(m, p + "restore_s")
+        pt, stored_b = num(m, p + "protect_transferred"), num(m, p + "stored_pack_bytes")
+        if ps is None and fs is None:
+            continue
+        out.append(
+            f"| {d} | ferry `protect` → az:// | {fmt_s(ps)} | {fmt_bytes(pt)} | "
+            f"{fmt_mibs(mibs(size, ps))} | {fmt_mibs(mibs(pt, ps))} | {fmt_rss(num(m, p + 'protect_rss'))} |"
+        )
+        out.append(
+            f"| {d} | ferry `failover --unplanned` (restore) | {fmt_s(fs)} | {fmt_bytes(stored_b)} | "
+            f"{fmt_mibs(mibs(size, fs))} | {fmt_mibs(mibs(stored_b, fs))} | {fmt_rss(num(m, p + 'restore_rss'))} |"
+        )
+        best_put = best_get = None
+        for t in threads:
+            b = num(m, f"{p}plain{t}_bytes")
+            for op in ("put", "get"):
+                s = num(m, f"{p}plain{t}_{op}_s")
+                v = mibs(b, s)
+                out.append(
+                    f"| {d} | plain {op}, {t} thread{'s' if t != '1' else ''} | {fmt_s(s)} | {fmt_bytes(b)} | "
+                    f"{fmt_mibs(v)} | {fmt_mibs(v)} | – |"
+                )
+                if v is not None:
+                    if op == "put" and (best_put is None or v > best_put[0]):
+                        best_put = (v, t)
+                    if op == "get" and (best_get is None or v > best_get[0]):
+                        best_get = (v, t)
+        fw, rw = mibs(pt, ps), mibs(stored_b, fs)
+        if fw is not None and best_put:
+            targets.append((
+                f"replication through Azurite ≥ 80% of the plain client's put ({d})",
+                f"ferry wire {fw:.0f} MiB/s ÷ plain put {best_put[0]:.0f} MiB/s ({best_put[1]} thr.) = "
+                f"{100 * fw / best_put[0]:.0f}%",
+                fw / best_put[0] >= 0.8,
+            ))
+        if rw is not None and best_get:
+            targets.append((
+                f"full download through Azurite ≥ 80% of the plain client's get ({d})",
+                f"ferry restore wire {rw:.0f} MiB/s ÷ plain get {best_get[0]:.0f} MiB/s ({best_get[1]} thr.) = "
+                f"{100 * rw / best_get[0]:.0f}%",
+                rw / best_get[0] >= 0.8,
+            ))
+        ident = m.get(p + "identical")
+        if ident:
+            targets.append((f"restored disk bit-identical to the source ({d}, Azurite)", ident, ident == "yes"))
+    out.append("")
+
+    out.append(
+        f"#### Encryption on the local store (file://): median of {m.get('enc_repeat', '?')} runs each, "
+        "fresh home per run, with and without `--key` alternating"
+    )
+    out.append("")
+    out.append("| data | what | without key | with key | with ÷ without | runs without / with (s) |")
+    out.append("|---|---|---:|---:|---:|---|")
+    for d in datasets:
+        for step, label in (("protect", "`protect`"), ("restore", "`failover --unplanned` (restore)")):
+            a = median_of(m, f"enc_{d}_plain_{step}_runs")
+            b = median_of(m, f"enc_{d}_key_{step}_runs")
+            if a is None and b is None:
+                continue
+            ratio = b / a if (a and b) else None
+            out.append(
+                f"| {d} | {label} | {fmt_s(a)} s | {fmt_s(b)} s | {'–' if ratio is None else f'{ratio:.2f}×'} | "
+                f"{m.get(f'enc_{d}_plain_{step}_runs', '–')} / {m.get(f'enc_{d}_key_{step}_runs', '–')} |"
+            )
+            if ratio is not None:
+                targets.append((f"encryption ≤ 1.15× on the local store: {step} ({d})", f"{ratio:.2f}×", ratio <= 1.15))
+        ident = m.get(f"enc_{d}_identical")
+        if ident:
+            targets.append((f"restored disks bit-identical ({d}, local, with and without key)", ident, ident == "yes"))
+    out.append("")
+
+    out.append("#### Targets (issue 4)")
+    out.append("")
+    out.append("| target | measured | result |")
+    out.append("|---|---|---|")
+    if not targets:
+        targets.append(("(nothing measured)", "–", None))
+    for name, meas, ok in targets:
+        out.append(f"| {name} | {meas} | {verdict(ok)} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv):
+    if len(argv) < 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmd = argv[1]
+    if cmd == "rand":
+        rand(argv[2], parse_size(argv[3]), int(argv[4]))
+    elif cmd == "plain":
+        prefix = argv[7] if len(argv) > 7 else ""
+        plain(argv[2], argv[3], argv[4], parse_size(argv[5]), int(argv[6]), prefix)
+    elif cmd == "stored":
+        stored(argv[2], argv[3], argv[4])
+    elif cmd == "clear":
+        clear(argv[2], argv[3])
+    elif cmd == "report":
+        print(report(argv[2]))
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
