@@ -4,6 +4,13 @@
 //! unchanged (device, inode, size, mtime, ctime) means no write happened — except within one
 //! timestamp tick of when the stamp was taken (the "racy" window, as in git's index), so a
 //! stamp taken within [`RACY_WINDOW_NS`] of the file's last change is never trusted.
+//!
+//! Limits, by design on the safe side: stamps on network or FUSE file systems are never trusted
+//! (another client's writes may not be visible yet); a writer that modifies a disk image through
+//! a shared `mmap` updates ctime only when a clean page is first dirtied, which guests and
+//! hypervisors do not do to disk images (they use write/pwrite or O_DIRECT), and a wall-clock
+//! step backwards during the racy window could hide a write. The QEMU driver replaces stamps with
+//! dirty bitmaps.
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -28,6 +35,37 @@ pub struct DiskStamp {
     pub ctime_ns: i128,
     /// When the stamp was taken, ns since the epoch.
     pub taken_ns: i128,
+    /// False on file systems whose ctime cannot be trusted (network and FUSE file systems,
+    /// where another client's writes may not show yet): such a stamp never proves anything.
+    #[serde(default = "yes")]
+    pub local_fs: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// True when `path` lives on a local file system whose ctime the kernel keeps exact.
+fn on_local_fs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    // NFS, SMB/CIFS (two magics), FUSE (sshfs, …), Ceph, GlusterFS and 9p: not trusted.
+    const REMOTE: [i64; 7] = [
+        0x6969,
+        0xFF53_4D42,
+        0xFE53_4D42,
+        0x517B,
+        0x6573_5546,
+        0x00C3_6400,
+        0x0102_1997,
+    ];
+    !REMOTE.contains(&(st.f_type as i64))
 }
 
 impl DiskStamp {
@@ -45,6 +83,7 @@ impl DiskStamp {
             mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
             ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
             taken_ns: now,
+            local_fs: on_local_fs(path),
         })
     }
 
@@ -58,7 +97,7 @@ impl DiskStamp {
                 later.mtime_ns,
                 later.ctime_ns,
             );
-        same && self.taken_ns - self.ctime_ns > RACY_WINDOW_NS
+        same && self.local_fs && self.taken_ns - self.ctime_ns > RACY_WINDOW_NS
     }
 }
 

@@ -66,6 +66,23 @@ impl DirDriver {
         }
     }
 
+    /// Serializes read-modify-write of one VM's `vm.json` across processes (an advisory lock
+    /// on `<vm>/.lock`, released when the guard drops).
+    fn lock(&self, name: &str) -> Result<std::fs::File> {
+        use std::os::unix::io::AsRawFd;
+        let p = self.vm_dir(name)?.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(self.io(p.display()))?;
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(self.io(p.display())(std::io::Error::last_os_error()));
+        }
+        Ok(f)
+    }
+
     fn must_read(&self, name: &str) -> Result<VmFile> {
         self.read(name)?.ok_or_else(|| HvError::NoSuchVm {
             vm: name.into(),
@@ -230,6 +247,7 @@ impl Hypervisor for DirDriver {
 
     fn start_vm(&self, name: &str) -> Result<()> {
         self.check_connected()?;
+        let _guard = self.lock(name)?;
         let mut vm = self.must_read(name)?;
         if let Some(d) = vm.disks.iter().find(|d| !d.consistent) {
             return Err(HvError::Inconsistent {
@@ -247,6 +265,7 @@ impl Hypervisor for DirDriver {
 
     fn stop_vm(&self, name: &str) -> Result<()> {
         self.check_connected()?;
+        let _guard = self.lock(name)?;
         let mut vm = self.must_read(name)?;
         if vm.power == Power::Stopped {
             return Ok(());
@@ -266,6 +285,7 @@ impl Hypervisor for DirDriver {
     }
 
     fn set_disk_consistent(&self, name: &str, index: u32, consistent: bool) -> Result<()> {
+        let _guard = self.lock(name)?;
         let mut vm = self.must_read(name)?;
         let d = vm
             .disks
