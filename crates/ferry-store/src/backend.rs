@@ -74,7 +74,7 @@ fn open_local(url: &str, path: &str) -> Result<Arc<dyn ObjectStore>> {
     }
     std::fs::create_dir_all(path).map_err(|e| StoreError::Backend {
         url: url.into(),
-        source: object_store::Error::Generic {
+        cause: object_store::Error::Generic {
             store: "local",
             source: Box::new(e),
         },
@@ -82,7 +82,7 @@ fn open_local(url: &str, path: &str) -> Result<Arc<dyn ObjectStore>> {
     let fs = object_store::local::LocalFileSystem::new_with_prefix(path).map_err(|e| {
         StoreError::Backend {
             url: url.into(),
-            source: e,
+            cause: e,
         }
     })?;
     Ok(Arc::new(fs))
@@ -165,12 +165,9 @@ fn retry_config() -> RetryConfig {
 
 /// A store-level error with a message of ours (`store` names the service in the message).
 fn config_error(url: &str, store: &'static str, msg: String) -> StoreError {
-    StoreError::Backend {
+    StoreError::Config {
         url: url.into(),
-        source: object_store::Error::Generic {
-            store,
-            source: msg.into(),
-        },
+        msg: format!("{store}: {msg}"),
     }
 }
 
@@ -271,6 +268,29 @@ async fn open_azure(
             "no Azure storage account configured: set AZURE_STORAGE_ACCOUNT_NAME and \
              AZURE_STORAGE_ACCOUNT_KEY (or another AZURE_* credential), or \
              AZURE_STORAGE_USE_EMULATOR=true for Azurite on 127.0.0.1:10000"
+                .to_string(),
+        ));
+    }
+    // Without explicit credentials object_store would ask the managed-identity endpoint
+    // (169.254.169.254): only where the operator says this machine is a cloud VM with one.
+    let explicit = emulator
+        || [
+            AzureConfigKey::AccessKey,
+            AzureConfigKey::SasKey,
+            AzureConfigKey::Token,
+            AzureConfigKey::ClientSecret,
+            AzureConfigKey::FederatedTokenFile,
+        ]
+        .iter()
+        .any(|k| b.get_config_value(k).is_some())
+        || truthy(b.get_config_value(&AzureConfigKey::UseAzureCli))
+        || truthy(b.get_config_value(&AzureConfigKey::SkipSignature));
+    if !explicit && !truthy(std::env::var("FERRY_USE_INSTANCE_METADATA").ok()) {
+        return Err(config_error(
+            url,
+            hints.store,
+            "no Azure credentials: set AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN (on \
+             a cloud VM with a managed identity, set FERRY_USE_INSTANCE_METADATA=1 to use it)"
                 .to_string(),
         ));
     }
@@ -400,6 +420,28 @@ async fn open_s3(url: &str, bucket: &str, prefix: Option<&str>) -> Result<Arc<dy
                may use this bucket"
                 .to_string(),
     };
+    // Without explicit credentials object_store would ask the instance-metadata service
+    // (169.254.169.254): only where the operator says this machine is a cloud VM with a role.
+    let explicit = b
+        .get_config_value(&AmazonS3ConfigKey::AccessKeyId)
+        .is_some()
+        || truthy(b.get_config_value(&AmazonS3ConfigKey::SkipSignature))
+        || [
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    if !explicit && !truthy(std::env::var("FERRY_USE_INSTANCE_METADATA").ok()) {
+        return Err(config_error(
+            url,
+            hints.store,
+            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (on a cloud VM \
+             with an instance role, set FERRY_USE_INSTANCE_METADATA=1 to use it)"
+                .to_string(),
+        ));
+    }
     let s3 = b
         .build()
         .map_err(|e| config_error(url, hints.store, format!("{} — {}", chain(&e), hints.auth)))?;

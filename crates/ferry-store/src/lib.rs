@@ -31,12 +31,20 @@ pub enum StoreError {
     #[error("unsupported store URL {0:?}: use file:///absolute/dir, az://CONTAINER[/prefix] or s3://BUCKET[/prefix]")]
     Url(String),
     /// The object store failed or is unreachable.
-    #[error("store {url}: {source}")]
+    #[error("store {url}: {cause}")]
     Backend {
         /// Store URL.
         url: String,
         /// Underlying error.
-        source: object_store::Error,
+        cause: object_store::Error,
+    },
+    /// The store cannot be used as configured (credentials, endpoint, names).
+    #[error("store {url}: {msg}")]
+    Config {
+        /// Store URL.
+        url: String,
+        /// What is wrong and what to set.
+        msg: String,
     },
     /// A block the caller needs is not in the store.
     #[error("block {0} is missing from the store; the recovery point is incomplete — run `ferry verify` and replicate again")]
@@ -144,9 +152,9 @@ impl Store {
     }
 
     fn backend(&self) -> impl Fn(object_store::Error) -> StoreError + '_ {
-        move |source| StoreError::Backend {
+        move |cause| StoreError::Backend {
             url: self.url.clone(),
-            source,
+            cause,
         }
     }
 
@@ -299,9 +307,9 @@ impl Store {
             self.path(&format!("index/{id:032x}.idx")),
         );
         self.rt.spawn(async move {
-            let fail = |source| StoreError::Backend {
+            let fail = |cause| StoreError::Backend {
                 url: url.clone(),
-                source,
+                cause,
             };
             os.put(&pack_path, PutPayload::from(data))
                 .await
