@@ -2,9 +2,10 @@
 # Install what ferry's tests and benchmarks need on a Debian 12 (bookworm) machine.
 #
 #   scripts/install-deps.sh            # test deps: rsync, hyperfine, GNU time, curl,
+#                                      # QEMU (qemu-system-x86 + libnbd-bin from bookworm-backports),
 #                                      # Azurite (npm, into .ci/node) and moto (pip; S3 API server)
 #   scripts/install-deps.sh --bench    # + b3sum (cargo install; a few minutes the first time)
-#   scripts/install-deps.sh --qemu     # + qemu-system-x86 and libnbd-bin from bookworm-backports
+#   scripts/install-deps.sh --no-qemu  # everything but QEMU (its e2e tests then skip with a note)
 #
 # Idempotent and fast when everything is present: each tool is checked first, and
 # `apt-get update` only runs when a package actually has to be installed.
@@ -14,7 +15,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 want_bench=0
-want_qemu=0
+want_qemu=1
 
 usage() {
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
@@ -23,7 +24,8 @@ usage() {
 for arg in "$@"; do
     case "$arg" in
         --bench) want_bench=1 ;;
-        --qemu) want_qemu=1 ;;
+        --qemu) want_qemu=1 ;; # the default; kept for older scripts
+        --no-qemu) want_qemu=0 ;;
         --all) want_bench=1; want_qemu=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "error: unknown option '$arg' (try --help)" >&2; exit 2 ;;
@@ -124,13 +126,14 @@ add_backports_suite() {
 }
 
 install_qemu() {
-    if have qemu-system-x86_64 && have nbdinfo; then
-        log "qemu-system-x86_64 and nbdinfo present"
+    # The qemu driver runs qemu-system-x86_64, qemu-img and qemu-nbd; nbdinfo helps debugging.
+    if have qemu-system-x86_64 && have qemu-img && have qemu-nbd && have nbdinfo; then
+        log "QEMU present ($(qemu-system-x86_64 --version | head -n 1))"
         return
     fi
     add_backports_suite
     APT_OPTS=(-t bookworm-backports)
-    apt_install qemu-system-x86 libnbd-bin
+    apt_install qemu-system-x86 qemu-utils libnbd-bin
     APT_OPTS=()
 }
 
@@ -181,8 +184,9 @@ install_moto() {
 
 # ---------------------------------------------------------------------------
 install_base
+# QEMU before the rest: the qemu driver's end-to-end tests need it (quick when present).
+if [ "$want_qemu" -eq 1 ]; then install_qemu; fi
 install_azurite
 install_moto
 if [ "$want_bench" -eq 1 ]; then install_b3sum; fi
-if [ "$want_qemu" -eq 1 ]; then install_qemu; fi
 log "done"

@@ -435,7 +435,7 @@ fn vm_json(
     vm: &ferry_hypervisor::VmInfo,
 ) -> serde_json::Value {
     let _ = e;
-    json!({
+    let mut v = json!({
         "name": vm.name,
         "host": host.name,
         "site": host.site,
@@ -443,11 +443,25 @@ fn vm_json(
         "power": vm.power,
         "cpus": vm.cpus,
         "memory": vm.memory,
-        "disks": vm.disks.iter().map(|d| json!({
-            "index": d.index, "path": d.path, "size": d.size, "format": d.format, "consistent": d.consistent
-        })).collect::<Vec<_>>(),
+        "disks": vm.disks.iter().map(|d| {
+            let mut j = json!({
+                "index": d.index, "path": d.path, "size": d.size, "format": d.format, "consistent": d.consistent
+            });
+            // QEMU: the block node and guest device, for QMP (`qemu-io -d vblk0/virtio-backend …`).
+            if let Some(n) = &d.node {
+                j["node"] = json!(n);
+            }
+            if let Some(dev) = &d.device {
+                j["device"] = json!(dev);
+            }
+            j
+        }).collect::<Vec<_>>(),
         "nics": vm.nics,
-    })
+    });
+    if let Some(q) = &vm.qmp {
+        v["qmp"] = json!(q);
+    }
+    v
 }
 
 fn host_json(e: &Engine, h: &ferry_model::Host) -> serde_json::Value {

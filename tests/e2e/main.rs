@@ -12,4 +12,5 @@ mod failback_rules;
 mod faults;
 mod jobs;
 mod lifecycle;
+mod qemu;
 mod setup;

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_blocks::{BlockMap, DiskStamp, Manifest, MapJournal, ZERO};
-use ferry_hypervisor::{Hypervisor, Power, VmInfo, VmSpec, SUPPORTED_FORMATS};
+use ferry_hypervisor::{Hypervisor, Power, VmInfo, VmSpec};
 use ferry_model::{
     begin, finish, Command, Host, ItemState, Job, JobKind, JobState, Outcome, PointKind,
     ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
@@ -183,12 +183,13 @@ fn steps(names: &[&str]) -> Vec<Step> {
         .collect()
 }
 
-fn check_formats(vm: &VmInfo) -> Result<()> {
+fn check_formats(vm: &VmInfo, driver: &dyn Hypervisor) -> Result<()> {
+    let supported = driver.disk_formats();
     for d in &vm.disks {
-        if !SUPPORTED_FORMATS.contains(&d.format.as_str()) {
+        if !supported.contains(&d.format.as_str()) {
             bail!(
-                "disk {} of VM {} on host {} is in format {:?}, which ferry cannot read (supported: {}); convert it to raw (e.g. `qemu-img convert -O raw`) and try again",
-                d.index, vm.name, vm.host, d.format, SUPPORTED_FORMATS.join(", ")
+                "disk {} of VM {} on host {} is in format {:?}, which ferry cannot read (supported: {}); convert it to raw or qcow2 (e.g. `qemu-img convert -O qcow2`) and try again",
+                d.index, vm.name, vm.host, d.format, supported.join(", ")
             );
         }
     }
@@ -376,7 +377,7 @@ impl Engine {
                 h.site
             );
         }
-        check_formats(&info)?;
+        check_formats(&info, self.driver(&h)?.as_ref())?;
         self.store(site)?;
         let mut item = ProtectedItem {
             vm: vm.into(),
@@ -476,7 +477,7 @@ impl Engine {
         let info = d
             .get_vm(&item.vm)?
             .ok_or_else(|| anyhow!("VM {} no longer exists on host {}", item.vm, host.name))?;
-        check_formats(&info)?;
+        check_formats(&info, d.as_ref())?;
         let store = self.item_store(item)?;
         let mut extra = self.extra(&item.vm)?;
         let known = extra.primary.clone().filter(|p| p.host == host.name);
@@ -913,7 +914,7 @@ impl Engine {
                 rhost.name
             )
         })?;
-        check_formats(&rinfo)?;
+        check_formats(&rinfo, rd.as_ref())?;
         let tinfo = td.get_vm(vm)?;
         let creates = tinfo.is_none()
             && !prev
@@ -945,7 +946,7 @@ impl Engine {
                         thost.name, thost.name
                     );
                 }
-                check_formats(t)?;
+                check_formats(t, td.as_ref())?;
                 let shape = |v: &VmInfo| v.disks.iter().map(|d| d.size).collect::<Vec<_>>();
                 if shape(t) != shape(&rinfo) {
                     bail!("VM {vm} on host {} has disks of sizes {:?} but the recovery VM has {:?}; fail back to another host with --host H --create-vm", thost.name, shape(t), shape(&rinfo));

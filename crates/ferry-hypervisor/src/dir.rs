@@ -125,6 +125,8 @@ impl DirDriver {
                     size: d.size,
                     format: d.format.clone(),
                     consistent: d.consistent,
+                    node: None,
+                    device: None,
                 })
             })
             .collect::<Result<_>>()?;
@@ -136,6 +138,7 @@ impl DirDriver {
             memory: vm.memory,
             disks,
             nics: vm.nics.clone(),
+            qmp: None,
         })
     }
 }

@@ -1,9 +1,12 @@
-//! Hypervisors behind one small trait, and the built-in `dir` driver.
+//! Hypervisors behind one small trait: the built-in `dir` driver and the `qemu` driver.
 //!
 //! The `dir` driver needs no hypervisor: a VM is a folder `<root>/<vm>/` with `vm.json`
 //! and raw disk images `disk0.raw`, `disk1.raw`, … (sparse where zero). "Running" is a flag
 //! in `vm.json`; while a VM runs, anything that writes its disk files plays the guest. It is
 //! the driver for trying ferry, for tests, and for sites whose disks are plain files.
+//!
+//! The `qemu` driver ([`QemuDriver`]) runs real `qemu-system-x86_64` processes with qcow2
+//! disks, drives them over QMP ([`qmp`]) and reads and writes their disks over NBD.
 use std::path::PathBuf;
 
 use ferry_blocks::{BlockDevice, DiskStamp};
@@ -11,10 +14,10 @@ use ferry_model::Host;
 use serde::{Deserialize, Serialize};
 
 mod dir;
+pub mod qemu;
+pub mod qmp;
 pub use dir::DirDriver;
-
-/// Disk formats ferry can read and write.
-pub const SUPPORTED_FORMATS: &[&str] = &["raw"];
+pub use qemu::QemuDriver;
 
 /// Errors of hypervisor drivers; messages say what to do next.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,38 @@ pub enum HvError {
         /// What failed.
         detail: String,
     },
+    /// The VM runs, and the action needs it stopped.
+    #[error("VM {vm} on host {host} is running, and {action} needs it stopped; stop it with `ferry vm stop {vm} --host {host}` and retry")]
+    Running {
+        /// VM name.
+        vm: String,
+        /// Host name.
+        host: String,
+        /// What was refused.
+        action: String,
+    },
+    /// A program the driver needs is not installed.
+    #[error("host {host}: the {driver} driver needs `{program}`, which is not on PATH; {hint}")]
+    MissingProgram {
+        /// Host name.
+        host: String,
+        /// Driver name.
+        driver: String,
+        /// Program name.
+        program: String,
+        /// How to install it.
+        hint: String,
+    },
+    /// A hypervisor process (QEMU, qemu-nbd) failed or misbehaved.
+    #[error("host {host}, VM {vm}: {detail}")]
+    Process {
+        /// Host name.
+        host: String,
+        /// VM name.
+        vm: String,
+        /// What happened and what to do.
+        detail: String,
+    },
     /// Invalid input.
     #[error("{0}")]
     Invalid(String),
@@ -100,10 +135,17 @@ pub struct DiskInfo {
     pub path: PathBuf,
     /// Size in bytes.
     pub size: u64,
-    /// Image format (`raw`).
+    /// Image format (`raw` or `qcow2`).
     pub format: String,
     /// False while a sync into it is incomplete; such a VM refuses to start.
     pub consistent: bool,
+    /// Block node name of the disk inside the hypervisor (`disk0` for QEMU), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Guest device id of the disk (`vblk0` for QEMU; its block backend for `qemu-io -d` is
+    /// `vblk0/virtio-backend`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// One network adapter: the switch it is attached to.
@@ -130,6 +172,9 @@ pub struct VmInfo {
     pub disks: Vec<DiskInfo>,
     /// Network adapters.
     pub nics: Vec<Nic>,
+    /// The VM's QMP monitor socket (QEMU only; it answers while the VM runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<PathBuf>,
 }
 
 /// What to create.
@@ -185,6 +230,14 @@ pub trait Hypervisor: Send + Sync {
     /// Change evidence of a disk: equal trusted stamps prove it was not written in between.
     fn disk_stamp(&self, name: &str, index: u32) -> Result<Option<DiskStamp>>;
 
+    /// Disk formats this driver reads and writes.
+    fn disk_formats(&self) -> &'static [&'static str] {
+        match self.host().driver {
+            ferry_model::DriverKind::Dir => &["raw"],
+            ferry_model::DriverKind::Qemu => &["qcow2"],
+        }
+    }
+
     /// Checks that every switch in `switches` exists on the host.
     fn check_switches(&self, switches: &[String]) -> Result<()> {
         let h = self.host();
@@ -205,13 +258,10 @@ pub trait Hypervisor: Send + Sync {
     }
 }
 
-/// Opens the driver for a host.
+/// Opens the driver for a host (for `qemu`, fails when the QEMU programs are not installed).
 pub fn connect(host: &Host) -> Result<Box<dyn Hypervisor>> {
     match host.driver {
         ferry_model::DriverKind::Dir => Ok(Box::new(DirDriver::new(host.clone()))),
-        ferry_model::DriverKind::Qemu => Err(HvError::Invalid(format!(
-            "host {}: the qemu driver is not built into this version of ferry yet; use --driver dir",
-            host.name
-        ))),
+        ferry_model::DriverKind::Qemu => Ok(Box::new(QemuDriver::new(host.clone())?)),
     }
 }
