@@ -454,7 +454,8 @@ pub fn restore(
     let wanted: Vec<u64> = (0..map.len() as u64)
         .filter(|&i| map.hashes[i as usize] != ZERO)
         .collect();
-    let threads = ctx.threads.max(1);
+    // Network stores are latency-bound: keep several ranged reads in flight even on few cores.
+    let threads = ctx.threads.max(store.upload_parallelism()).max(1);
     let (job_tx, job_rx) = bounded::<Vec<u64>>(threads * 2);
     let (out_tx, out_rx) = bounded::<Result<Vec<(u64, Vec<u8>)>>>(threads * 2);
     std::thread::scope(|s| -> Result<()> {
