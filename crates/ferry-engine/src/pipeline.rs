@@ -12,7 +12,7 @@ use ferry_store::{encode, Codec, PackWriter, Store};
 use crate::jobs::{Cancelled, JobCtx};
 
 /// Blocks fetched from the store per request group when restoring (coalesced ranged reads).
-const RESTORE_GROUP: usize = 64;
+const RESTORE_GROUP: usize = 512;
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
 /// Bytes of pending target writes collected before they are written out.
@@ -457,12 +457,24 @@ pub fn restore(
     // Network stores are latency-bound: keep several ranged reads in flight even on few cores.
     let threads = ctx.threads.max(store.upload_parallelism()).max(1);
     let (job_tx, job_rx) = bounded::<Vec<u64>>(threads * 2);
-    let (out_tx, out_rx) = bounded::<Result<Vec<(u64, Vec<u8>)>>>(threads * 2);
+    let (out_tx, out_rx) = bounded::<Result<Vec<(u64, Vec<u8>)>>>(threads);
     std::thread::scope(|s| -> Result<()> {
         let wanted_ref = &wanted;
         s.spawn(move || {
-            for group in wanted_ref.chunks(RESTORE_GROUP) {
-                if ctx.is_cancelled() || job_tx.send(group.to_vec()).is_err() {
+            // Work is cut per pack (then at most RESTORE_GROUP blocks), so a worker can fetch a
+            // pack it needs most of with one request.
+            let mut groups: Vec<Vec<u64>> = Vec::new();
+            let mut last_pack = None;
+            for &i in wanted_ref {
+                let pack = store.locate(&map.hashes[i as usize]).map(|l| l.pack);
+                match groups.last_mut() {
+                    Some(g) if pack == last_pack && g.len() < RESTORE_GROUP => g.push(i),
+                    _ => groups.push(vec![i]),
+                }
+                last_pack = pack;
+            }
+            for group in groups {
+                if ctx.is_cancelled() || job_tx.send(group).is_err() {
                     break;
                 }
             }

@@ -362,10 +362,27 @@ impl Store {
                 .iter()
                 .map(|&i| locs[i].offset as usize..(locs[i].offset + locs[i].len as u64) as usize)
                 .collect();
-            let frames = self
-                .rt
-                .block_on(self.os.get_ranges(&key, &ranges))
-                .map_err(self.backend())?;
+            let wanted: usize = ranges.iter().map(|r| r.len()).sum();
+            let end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+            // Most of a pack wanted: one plain GET of the whole object beats ranged reads.
+            let frames: Vec<Bytes> = if wanted * 2 >= end {
+                let all = self.get(&key)?;
+                ranges
+                    .iter()
+                    .map(|r| {
+                        all.get(r.clone())
+                            .map(|_| all.slice(r.clone()))
+                            .ok_or_else(|| StoreError::Corrupt {
+                                pack: format!("{pack:032x}"),
+                                block: "(pack shorter than its index says)".into(),
+                            })
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                self.rt
+                    .block_on(self.os.get_ranges(&key, &ranges))
+                    .map_err(self.backend())?
+            };
             for (&i, frame) in idxs.iter().zip(frames) {
                 out[i] = self.decode_checked(&hashes[i], locs[i], &frame)?;
             }
