@@ -30,7 +30,7 @@
 #   SIZE (1GiB)  SEED (42)  OUT (bench/out)  FERRY (path to a ferry binary; implies --no-build)
 #   FERRY_LABEL (what the report names as the code measured; default: the commit, and whether the
 #   work tree had uncommitted Rust changes when this script built it)
-#   PLAIN_THREADS ("1 8")  OBJ (16MiB)  ENC_REPEAT (3)  AZ_PORT (a free port; not 10000)
+#   PLAIN_THREADS ("1 8")  OBJ (16MiB)  ENC_REPEAT (5)  AZ_PORT (a free port; not 10000)
 #   FERRY_THREADS (empty: ferry's default --threads, the number of cores)
 set -Eeuo pipefail
 
@@ -42,7 +42,7 @@ SIZE=${SIZE:-1GiB}
 SEED=${SEED:-42}
 PLAIN_THREADS=${PLAIN_THREADS:-1 8}
 OBJ=${OBJ:-16MiB}
-ENC_REPEAT=${ENC_REPEAT:-3}
+ENC_REPEAT=${ENC_REPEAT:-5}
 AZ_PORT=${AZ_PORT:-}
 FERRY_THREADS=${FERRY_THREADS:-}
 FERRY_BIN=${FERRY:-}
@@ -117,7 +117,8 @@ trap 'on_err $LINENO "$BASH_COMMAND"' ERR
 trap on_exit EXIT
 
 # timed KEY CMD... : run CMD (stdout to $TIMED_STDOUT or /dev/null, stderr to the log) and
-# record KEY_s (wall seconds, from date +%s.%N) and KEY_rss (max RSS KiB, from GNU time).
+# record KEY_s (wall seconds, from date +%s.%N), KEY_rss (max RSS KiB) and KEY_cpu (user + system
+# CPU seconds), the last two from GNU time.
 timed() {
     local key=$1
     shift
@@ -125,10 +126,11 @@ timed() {
     tf=$(mktemp "$OUT/.time.XXXXXX")
     echo "+ $*" >>"$LOG"
     t0=$(date +%s.%N)
-    /usr/bin/time -f '%e %M' -o "$tf" "$@" >"${TIMED_STDOUT:-/dev/null}" 2>>"$LOG"
+    /usr/bin/time -f '%e %M %U %S' -o "$tf" "$@" >"${TIMED_STDOUT:-/dev/null}" 2>>"$LOG"
     t1=$(date +%s.%N)
     record "${key}_s" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')"
     record "${key}_rss" "$(tail -n 1 "$tf" | awk '{ print $2 }')"
+    record "${key}_cpu" "$(tail -n 1 "$tf" | awk '{ printf "%.2f", $3 + $4 }')"
     rm -f "$tf"
 }
 
@@ -150,17 +152,38 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# CPU seconds (user + system) Azurite has used so far: its process leads its own session
+# (scripts/services.sh), and Node's worker threads are counted in the process.
+AZ_PID=
+CLK_TCK=$(getconf CLK_TCK)
+az_cpu() {
+    if [ -n "$AZ_PID" ] && [ -r "/proc/$AZ_PID/stat" ]; then
+        sed 's/.*) //' "/proc/$AZ_PID/stat" | awk -v hz="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / hz }'
+    else
+        echo ""
+    fi
+}
+# server_timed KEY CMD... : timed, plus KEY_server_cpu (Azurite CPU seconds during CMD)
+server_timed() {
+    local key=$1 a0
+    a0=$(az_cpu)
+    timed "$@"
+    if [ -n "$a0" ]; then
+        record "${key}_server_cpu" "$(awk -v a="$a0" -v b="$(az_cpu)" 'BEGIN { printf "%.2f", b - a }')"
+    fi
+}
+
 start_azurite() {
     azurite start azurite >>"$LOG" 2>&1
     azurite_up=1
+    AZ_PID=$(cat "$SVC_DIR/azurite.pid")
     # Warm the server up (JIT, buffers) so the first contender measured is not penalized.
     cpy plain "$AZ_URL" warmup "$WARM_FILE" "$OBJ" 4 >>"$LOG" 2>&1
     cpy clear "$AZ_URL" warmup >>"$LOG" 2>&1
 }
-restart_azurite() {
+stop_azurite() {
     azurite stop azurite >>"$LOG" 2>&1
     azurite_up=0
-    start_azurite
 }
 
 # ---------------------------------------------------------------------------
@@ -204,11 +227,11 @@ protect_and_restore() {
     local p=$1 ref=$2 keyf=${3:-} rec
     local keyarg=()
     [ -n "$keyf" ] && keyarg=(--key "$keyf")
-    TIMED_STDOUT="$WORK/${p}protect.json" timed "${p}protect" \
+    TIMED_STDOUT="$WORK/${p}protect.json" server_timed "${p}protect" \
         "${FER[@]}" --json protect bench --to dr "${keyarg[@]}" "${THR[@]}"
     record_job "${p}protect" "$WORK/${p}protect.json"
     sync
-    TIMED_STDOUT="$WORK/${p}restore.json" timed "${p}restore" \
+    TIMED_STDOUT="$WORK/${p}restore.json" server_timed "${p}restore" \
         "${FER[@]}" --json failover bench --unplanned "${keyarg[@]}" "${THR[@]}"
     record_job "${p}restore" "$WORK/${p}restore.json"
     rec=$(disk_of)
@@ -221,7 +244,7 @@ protect_and_restore() {
 
 # azure_round DATASET REF
 azure_round() {
-    local d=$1 ref=$2 t out
+    local d=$1 ref=$2 t k out
     local container="ferry-bench-$d-$$" p="az_${d}_"
     say "[$d] Azurite: ferry protect into az://$container, then failover --unplanned"
     new_home "az-$d" "az://$container" "$ref"
@@ -234,9 +257,10 @@ azure_round() {
     for t in $PLAIN_THREADS; do
         say "[$d] plain client: put + get of $SIZE in $OBJ objects, $t thread(s)"
         echo "+ plain $t threads" >>"$LOG"
-        out=$(cpy plain "$AZ_URL" "plain-$d-$$" "$ref" "$OBJ" "$t" 2>>"$LOG")
-        record "${p}plain${t}_put_s" "$(sed -n 's/^put_s=//p' <<<"$out")"
-        record "${p}plain${t}_get_s" "$(sed -n 's/^get_s=//p' <<<"$out")"
+        out=$(cpy plain "$AZ_URL" "plain-$d-$$" "$ref" "$OBJ" "$t" "" "$AZ_PID" 2>>"$LOG")
+        for k in put_s get_s put_cpu get_cpu put_server_cpu get_server_cpu; do
+            record "${p}plain${t}_$k" "$(sed -n "s/^$k=//p" <<<"$out")"
+        done
         record "${p}plain${t}_bytes" "$(sed -n 's/^bytes=//p' <<<"$out")"
         record "${p}plain${t}_objects" "$(sed -n 's/^objects=//p' <<<"$out")"
         say "[$d] plain $t thread(s): put $(last "${p}plain${t}_put_s")s, get $(last "${p}plain${t}_get_s")s"
@@ -260,6 +284,8 @@ enc_round() {
             fi
             append "enc_${d}_${mode}_protect_runs" "$(last "enc_${d}_${mode}_protect_s")"
             append "enc_${d}_${mode}_restore_runs" "$(last "enc_${d}_${mode}_restore_s")"
+            append "enc_${d}_${mode}_protect_cpus" "$(last "enc_${d}_${mode}_protect_cpu")"
+            append "enc_${d}_${mode}_restore_cpus" "$(last "enc_${d}_${mode}_restore_cpu")"
             if [ "$(last "enc_${d}_${mode}_identical")" != yes ]; then record "enc_${d}_identical" no; fi
             [ "$keep" -eq 1 ] || rm -rf "$FHOME"
         done
@@ -353,9 +379,6 @@ q "$FERRY_BIN" key new "$KEYFILE"
 WARM_FILE="$WORK/warmup.img"
 head -c $((8 * obj_bytes)) /dev/zero >"$WARM_FILE"
 
-say "Azurite on $AZ_URL (services dir $SVC_DIR)"
-start_azurite
-first=1
 for d in $datasets; do
     ref="$WORK/ref-$d.img"
     say "[$d] generating $SIZE of disk content in $ref"
@@ -364,15 +387,16 @@ for d in $datasets; do
     else
         cpy rand "$ref" "$SIZE" "$SEED" 2>>"$LOG"
     fi
-    # A fresh (empty) Azurite for each dataset, so memory from the last one does not linger.
-    [ "$first" -eq 1 ] || restart_azurite
-    first=0
+    # A fresh (empty) Azurite for each disk, stopped before the local rounds so that neither its
+    # memory nor its background work (extent garbage collection) lingers into them.
+    say "[$d] Azurite on $AZ_URL (services dir $SVC_DIR)"
+    start_azurite
     azure_round "$d" "$ref"
+    stop_azurite
+    AZ_PID=
     enc_round "$d" "$ref"
     [ "$keep" -eq 1 ] || rm -f "$ref"
 done
-azurite stop azurite >>"$LOG" 2>&1
-azurite_up=0
 record loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 results="$OUT/cloud-results-$SIZE.md"

@@ -7,10 +7,12 @@ into a venv under bench/out); everything else is standard library only.
 
   cloud_helpers.py rand FILE SIZE SEED
         fill FILE with SIZE deterministic random (incompressible) bytes, fsync
-  cloud_helpers.py plain ENDPOINT CONTAINER FILE OBJ_SIZE THREADS [PREFIX]
+  cloud_helpers.py plain ENDPOINT CONTAINER FILE OBJ_SIZE THREADS [PREFIX [SERVER_PID]]
         upload FILE in OBJ_SIZE objects with THREADS parallel workers (one Put Blob per object),
         then download them all (one GET per object, data discarded after a length check);
-        prints put_s=, get_s=, objects=, bytes= (seconds measured inside Python, after imports)
+        prints put_s=, get_s=, objects=, bytes= (seconds measured inside Python, after imports),
+        put_cpu=, get_cpu= (this process's CPU seconds) and, given the server's PID,
+        put_server_cpu=, get_server_cpu=
   cloud_helpers.py stored ENDPOINT CONTAINER PREFIX     -> bytes=, objects= of blobs under PREFIX
   cloud_helpers.py clear ENDPOINT CONTAINER             delete the container (ignore if missing)
   cloud_helpers.py report MEASUREMENTS_FILE             Markdown report on stdout
@@ -26,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+sys.dont_write_bytecode = True  # no bench/__pycache__ from importing the sibling module
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from failback_helpers import fmt_bytes, fmt_rss, load, num, parse_size, verdict  # noqa: E402
 
@@ -68,7 +71,20 @@ def service(endpoint: str):
     return BlobServiceClient.from_connection_string(conn_str(endpoint))
 
 
-def plain(endpoint: str, container: str, path: str, obj: int, threads: int, prefix: str) -> None:
+def proc_cpu(pid):
+    """User + system CPU seconds of process pid (all its threads), or None."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def plain(endpoint: str, container: str, path: str, obj: int, threads: int, prefix: str,
+          server_pid: int = 0) -> None:
     size = os.path.getsize(path)
     offsets = list(range(0, size, obj))
     svc = service(endpoint)
@@ -110,11 +126,11 @@ def plain(endpoint: str, container: str, path: str, obj: int, threads: int, pref
 
     try:
         with ThreadPoolExecutor(max_workers=threads, initializer=client) as ex:
-            t0 = time.perf_counter()
+            s0, c0, t0 = proc_cpu(server_pid), time.process_time(), time.perf_counter()
             put_bytes = sum(ex.map(put, offsets))
-            t1 = time.perf_counter()
+            s1, c1, t1 = proc_cpu(server_pid), time.process_time(), time.perf_counter()
             get_bytes = sum(ex.map(get, offsets))
-            t2 = time.perf_counter()
+            s2, c2, t2 = proc_cpu(server_pid), time.process_time(), time.perf_counter()
     finally:
         os.close(fd)
     assert put_bytes == get_bytes == size
@@ -122,6 +138,11 @@ def plain(endpoint: str, container: str, path: str, obj: int, threads: int, pref
         cc.delete_blob(name(off))
     print(f"put_s={t1 - t0:.3f}")
     print(f"get_s={t2 - t1:.3f}")
+    print(f"put_cpu={c1 - c0:.2f}")
+    print(f"get_cpu={c2 - c1:.2f}")
+    if s0 is not None and s2 is not None:
+        print(f"put_server_cpu={s1 - s0:.2f}")
+        print(f"get_server_cpu={s2 - s1:.2f}")
     print(f"objects={len(offsets)}")
     print(f"bytes={size}")
 
@@ -161,6 +182,10 @@ def fmt_s(s):
     return "–" if s is None else f"{s:.2f}"
 
 
+def fmt_cpu(s):
+    return "–" if s is None else f"{s:.2f} s"
+
+
 def median_of(m, key):
     vals = [float(v) for v in m.get(key, "").split() if v]
     return statistics.median(vals) if vals else None
@@ -190,20 +215,22 @@ def report(path: str) -> str:
         f"- server: Azurite {m.get('azurite_version', '?')} (in-memory, 127.0.0.1, its own port); "
         f"plain client: Python {m.get('python_version', '?')} azure-storage-blob "
         f"{m.get('sdk_version', '?')}, {fmt_bytes(num(m, 'obj_bytes'))} objects (one Put Blob / one GET "
-        f"each), {' and '.join(threads)} threads; ferry: default `--threads` "
-        f"({m.get('ferry_threads', '?')}), one run per step"
+        f"each), {' and '.join(threads)} threads; ferry: `--threads` {m.get('ferry_threads', '?')} "
+        f"(its default: one per core), one run per step"
     )
     out.append(
         "- throughput: *effective* = disk size ÷ seconds; *wire* = bytes that crossed the HTTP "
         "connection ÷ seconds (ferry protect: `bytes_transferred` of its job; ferry restore: the pack "
-        "bytes stored in the container, which the restore reads back; plain client: the object bytes)"
+        "bytes stored in the container, which the restore reads back; plain client: the object bytes); "
+        "CPU = user + system seconds used during the step by the client (ferry's process, or the Python "
+        "client's) and by the Azurite server process"
     )
     out.append("")
 
     out.append("#### Through Azurite: ferry vs a plain client on the same server and the same bytes")
     out.append("")
-    out.append("| data | what | seconds | wire bytes | effective | wire | peak RSS |")
-    out.append("|---|---|---:|---:|---:|---:|---:|")
+    out.append("| data | what | seconds | wire bytes | effective | wire | client CPU | Azurite CPU | peak RSS |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     targets = []
     for d in datasets:
         p = f"az_{d}_"
@@ -213,11 +240,13 @@ def report(path: str) -> str:
             continue
         out.append(
             f"| {d} | ferry `protect` → az:// | {fmt_s(ps)} | {fmt_bytes(pt)} | "
-            f"{fmt_mibs(mibs(size, ps))} | {fmt_mibs(mibs(pt, ps))} | {fmt_rss(num(m, p + 'protect_rss'))} |"
+            f"{fmt_mibs(mibs(size, ps))} | {fmt_mibs(mibs(pt, ps))} | {fmt_cpu(num(m, p + 'protect_cpu'))} | "
+            f"{fmt_cpu(num(m, p + 'protect_server_cpu'))} | {fmt_rss(num(m, p + 'protect_rss'))} |"
         )
         out.append(
             f"| {d} | ferry `failover --unplanned` (restore) | {fmt_s(fs)} | {fmt_bytes(stored_b)} | "
-            f"{fmt_mibs(mibs(size, fs))} | {fmt_mibs(mibs(stored_b, fs))} | {fmt_rss(num(m, p + 'restore_rss'))} |"
+            f"{fmt_mibs(mibs(size, fs))} | {fmt_mibs(mibs(stored_b, fs))} | {fmt_cpu(num(m, p + 'restore_cpu'))} | "
+            f"{fmt_cpu(num(m, p + 'restore_server_cpu'))} | {fmt_rss(num(m, p + 'restore_rss'))} |"
         )
         best_put = best_get = None
         for t in threads:
@@ -227,7 +256,8 @@ def report(path: str) -> str:
                 v = mibs(b, s)
                 out.append(
                     f"| {d} | plain {op}, {t} thread{'s' if t != '1' else ''} | {fmt_s(s)} | {fmt_bytes(b)} | "
-                    f"{fmt_mibs(v)} | {fmt_mibs(v)} | – |"
+                    f"{fmt_mibs(v)} | {fmt_mibs(v)} | {fmt_cpu(num(m, f'{p}plain{t}_{op}_cpu'))} | "
+                    f"{fmt_cpu(num(m, f'{p}plain{t}_{op}_server_cpu'))} | – |"
                 )
                 if v is not None:
                     if op == "put" and (best_put is None or v > best_put[0]):
@@ -259,8 +289,16 @@ def report(path: str) -> str:
         "fresh home per run, with and without `--key` alternating"
     )
     out.append("")
-    out.append("| data | what | without key | with key | with ÷ without | runs without / with (s) |")
-    out.append("|---|---|---:|---:|---:|---|")
+    out.append(
+        "Wall seconds decide the target; the CPU seconds (medians, from GNU time) show the cipher's "
+        "own cost, which other work on the machine does not blur."
+    )
+    out.append("")
+    out.append(
+        "| data | what | without key | with key | with ÷ without | CPU without / with (user + sys) | "
+        "runs without / with (s) |"
+    )
+    out.append("|---|---|---:|---:|---:|---:|---|")
     for d in datasets:
         for step, label in (("protect", "`protect`"), ("restore", "`failover --unplanned` (restore)")):
             a = median_of(m, f"enc_{d}_plain_{step}_runs")
@@ -268,12 +306,19 @@ def report(path: str) -> str:
             if a is None and b is None:
                 continue
             ratio = b / a if (a and b) else None
+            ca = median_of(m, f"enc_{d}_plain_{step}_cpus")
+            cb = median_of(m, f"enc_{d}_key_{step}_cpus")
+            cpu = "–" if (ca is None or cb is None) else f"{ca:.2f} / {cb:.2f} s ({cb / ca:.2f}×)" if ca else "–"
             out.append(
                 f"| {d} | {label} | {fmt_s(a)} s | {fmt_s(b)} s | {'–' if ratio is None else f'{ratio:.2f}×'} | "
-                f"{m.get(f'enc_{d}_plain_{step}_runs', '–')} / {m.get(f'enc_{d}_key_{step}_runs', '–')} |"
+                f"{cpu} | {m.get(f'enc_{d}_plain_{step}_runs', '–')} / {m.get(f'enc_{d}_key_{step}_runs', '–')} |"
             )
             if ratio is not None:
-                targets.append((f"encryption ≤ 1.15× on the local store: {step} ({d})", f"{ratio:.2f}×", ratio <= 1.15))
+                targets.append((
+                    f"encryption ≤ 1.15× on the local store: {step} ({d})",
+                    f"{b:.3f} s ÷ {a:.3f} s = {ratio:.3f}×",
+                    ratio <= 1.15,
+                ))
         ident = m.get(f"enc_{d}_identical")
         if ident:
             targets.append((f"restored disks bit-identical ({d}, local, with and without key)", ident, ident == "yes"))
@@ -300,7 +345,8 @@ def main(argv):
         rand(argv[2], parse_size(argv[3]), int(argv[4]))
     elif cmd == "plain":
         prefix = argv[7] if len(argv) > 7 else ""
-        plain(argv[2], argv[3], argv[4], parse_size(argv[5]), int(argv[6]), prefix)
+        server_pid = int(argv[8]) if len(argv) > 8 and argv[8] else 0
+        plain(argv[2], argv[3], argv[4], parse_size(argv[5]), int(argv[6]), prefix, server_pid)
     elif cmd == "stored":
         stored(argv[2], argv[3], argv[4])
     elif cmd == "clear":

@@ -278,6 +278,14 @@ pub enum Cmd {
         #[arg(long)]
         key: Option<PathBuf>,
     },
+    /// Recovery plans: ordered groups of VMs that fail over and back together.
+    ///
+    /// A group starts only when every VM of the previous group is up; every VM's state is checked
+    /// before anything changes, and a re-run skips VMs that already went through the step.
+    ///
+    /// Example: ferry plan create shop --group db1 --group app1,app2 && ferry plan failback shop && ferry plan complete shop
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// Run the whole lifecycle on the embedded defaults and print a summary table.
     ///
     /// Example: ferry demo --disk-size 256MiB
@@ -288,6 +296,98 @@ pub enum Cmd {
         /// Size of the demo VM's first disk (the second is a quarter of it)
         #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
         disk_size: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// Create a plan. Example: ferry plan create shop --group db1 --group app1,app2
+    Create {
+        /// Plan name
+        name: String,
+        /// A group of VMs (comma-separated); groups run in the order given
+        #[arg(long = "group", required = true)]
+        groups: Vec<String>,
+    },
+    /// Show a plan's groups.
+    Show {
+        /// Plan name
+        name: String,
+    },
+    /// Fail over every VM of the plan, group by group.
+    Failover {
+        /// Plan name
+        name: String,
+        /// Stop each primary VM and replicate its last changes first (default)
+        #[arg(long, conflicts_with = "unplanned")]
+        planned: bool,
+        /// Recover from the latest points without touching the primaries
+        #[arg(long)]
+        unplanned: bool,
+        /// Recovery host for every VM
+        #[arg(long)]
+        host: Option<String>,
+        /// Key file for encrypted VMs
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Fail back every VM of the plan (phase 1; `complete` then finishes all with one command).
+    Failback {
+        /// Plan name
+        name: String,
+        /// delta or full
+        #[arg(long, value_parser = ["delta", "full"])]
+        sync: Option<String>,
+        /// Alternate host for every VM
+        #[arg(long)]
+        host: Option<String>,
+        /// Create the VMs on the target host if missing
+        #[arg(long)]
+        create_vm: bool,
+        /// Key file for encrypted VMs
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Run phase 2 right after phase 1, group by group
+        #[arg(long)]
+        auto_complete: bool,
+        /// Report what would move for every VM and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// After each sync, re-read the primary disks and compare every block hash
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Phase 2 for every VM of the plan, group by group: one "complete" for the whole plan.
+    Complete {
+        /// Plan name
+        name: String,
+        /// Key file (default: the ones given to `protect`)
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// After each sync, re-read the primary disks and compare every block hash
+        #[arg(long)]
+        verify: bool,
+        #[command(flatten)]
+        data: DataFlags,
+    },
+    /// Commit every VM's failover or failback.
+    Commit {
+        /// Plan name
+        name: String,
+    },
+    /// Protect every failed-back VM of the plan again, sending only changes.
+    ReverseReplicate {
+        /// Plan name
+        name: String,
+        /// Key file (default: the ones given to `protect`)
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataFlags,
     },
 }
 
@@ -918,6 +1018,139 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Demo { dir, disk_size } => crate::demo::run(dir.clone(), *disk_size, j)?,
+        Cmd::Plan(p) => run_plan(&cli, p)?,
     }
     Ok(())
+}
+
+fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
+    use ferry_engine::PlanAction;
+    let j = cli.json;
+    let (name, action, key, data) = match p {
+        PlanCmd::Create { name, groups } => {
+            let e = open(cli)?;
+            let groups: Vec<Vec<String>> = groups
+                .iter()
+                .map(|g| {
+                    g.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .collect();
+            let groups = e.create_plan(name, groups)?;
+            if j {
+                output::json(&json!({"name": name, "groups": groups}));
+            } else {
+                println!("plan {name}: {}", fmt_groups(&groups));
+            }
+            return Ok(());
+        }
+        PlanCmd::Show { name } => {
+            let e = open(cli)?;
+            let groups = e.plan(name)?;
+            if j {
+                output::json(&json!({"name": name, "groups": groups}));
+            } else {
+                println!("plan {name}: {}", fmt_groups(&groups));
+            }
+            return Ok(());
+        }
+        PlanCmd::Failover {
+            name,
+            planned: _,
+            unplanned,
+            host,
+            key,
+            data,
+        } => (
+            name,
+            PlanAction::Failover {
+                mode: if *unplanned {
+                    FailoverMode::Unplanned
+                } else {
+                    FailoverMode::Planned
+                },
+                host: host.clone(),
+            },
+            key,
+            Some(data),
+        ),
+        PlanCmd::Failback {
+            name,
+            sync,
+            host,
+            create_vm,
+            key,
+            auto_complete,
+            dry_run,
+            verify,
+            data,
+        } => {
+            let sync = sync
+                .as_deref()
+                .map(|s| s.parse::<SyncMode>())
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let o = FailbackOpts {
+                sync,
+                host: host.clone(),
+                create_vm: *create_vm,
+                auto_complete: *auto_complete,
+                dry_run: *dry_run,
+                verify: *verify,
+                run: None,
+            };
+            (name, PlanAction::Failback(o), key, Some(data))
+        }
+        PlanCmd::Complete {
+            name,
+            key,
+            verify,
+            data,
+        } => (
+            name,
+            PlanAction::Complete { verify: *verify },
+            key,
+            Some(data),
+        ),
+        PlanCmd::Commit { name } => (name, PlanAction::Commit, &None, None),
+        PlanCmd::ReverseReplicate { name, key, data } => {
+            (name, PlanAction::ReverseReplicate, key, Some(data))
+        }
+    };
+    let e = open_with_key(cli, key)?;
+    let opts = data.map(|d| d.opts()).unwrap_or_default();
+    let r = e.run_plan(name, action, opts)?;
+    if j {
+        output::json(&r);
+    } else {
+        for (gi, g) in r.groups.iter().enumerate() {
+            for s in g {
+                match (&s.job, &s.dry_run, s.skipped) {
+                    (_, _, true) => println!("group {}: {} already done, skipped", gi + 1, s.vm),
+                    (Some(job), _, _) => println!("group {}: {}", gi + 1, output::job_line(job)),
+                    (_, Some(d), _) => println!(
+                        "group {}: {} would move {} ({} blocks); recommended --sync {}",
+                        gi + 1,
+                        d.vm,
+                        ferry_model::format_bytes(d.bytes_to_move),
+                        d.blocks_to_move,
+                        d.recommended_sync.as_str()
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fmt_groups(groups: &[Vec<String>]) -> String {
+    groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| format!("[{}] {}", i + 1, g.join(", ")))
+        .collect::<Vec<_>>()
+        .join(" → ")
 }

@@ -12,5 +12,6 @@ mod failback_rules;
 mod faults;
 mod jobs;
 mod lifecycle;
+mod plans;
 mod qemu;
 mod setup;

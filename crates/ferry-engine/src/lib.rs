@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 
 pub mod jobs;
 pub mod pipeline;
+pub mod plans;
 mod workflows;
 
 pub use jobs::{Cancelled, JobCtx, Observer};
+pub use plans::{PlanAction, PlanRun, PlanStep};
 
 /// Fault injection for tests: when `FERRY_FAULT` names `point`, the process kills itself with
 /// SIGKILL right there, exactly like a crash or `kill -9` (no cleanup, no unwinding).

@@ -218,7 +218,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         let len = r.end - r.start;
                         result.bytes_moved += len;
                         if let (Some(p), Some((frame, codec))) = (packs.as_mut(), &m.frame) {
-                            p.add(m.hash, frame, *codec, len as u32)?;
+                            p.add_sealed(m.hash, frame, *codec, len as u32)?;
                         }
                         if crosses && m.hash != ZERO {
                             ctx.add_transferred(m.wire_len);
@@ -341,7 +341,12 @@ fn hash_chunk(
             let s = (k * bs) as usize;
             let e = (s + bs as usize).min(c.data.len());
             let (f, codec) = encode(comp, &c.data[s..e]);
-            let l = (f.len() + store.map_or(0, |s| s.frame_overhead())) as u64;
+            // Sealed here, in parallel, not on the single in-order consumer.
+            let f = match store {
+                Some(s) => s.seal_frame(f, &h),
+                None => f,
+            };
+            let l = f.len() as u64;
             (Some((f, codec)), l)
         };
         moved.push(Moved {

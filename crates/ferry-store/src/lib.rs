@@ -243,13 +243,9 @@ impl Store {
         self.hasher
     }
 
-    /// Bytes a stored frame adds to the encoded block (encryption nonce and tag).
-    pub fn frame_overhead(&self) -> usize {
-        if self.sealer.is_some() {
-            crypto::SEAL_OVERHEAD
-        } else {
-            0
-        }
+    /// Seals an encoded block frame for this namespace (a no-op without encryption).
+    pub fn seal_frame(&self, frame: Vec<u8>, h: &Hash) -> Vec<u8> {
+        self.seal(frame, h)
     }
 
     fn path(&self, key: &str) -> ObjPath {

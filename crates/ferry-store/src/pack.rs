@@ -121,7 +121,22 @@ impl PackWriter {
         if self.store.contains(&h) || self.pending.contains(&h) {
             return Ok(false);
         }
-        let sealed = self.store.seal(frame.to_vec(), &h);
+        let sealed = self.store.seal_frame(frame.to_vec(), &h);
+        self.add_sealed(h, &sealed, codec, raw_len)
+    }
+
+    /// Adds a frame already sealed with [`Store::seal_frame`] (sealing can then run in
+    /// parallel workers); returns whether it was added.
+    pub fn add_sealed(
+        &mut self,
+        h: Hash,
+        sealed: &[u8],
+        codec: Codec,
+        raw_len: u32,
+    ) -> Result<bool> {
+        if self.store.contains(&h) || self.pending.contains(&h) {
+            return Ok(false);
+        }
         let loc = Location {
             pack: self.id,
             offset: self.data.len() as u64,
@@ -129,7 +144,7 @@ impl PackWriter {
             raw_len,
             codec,
         };
-        self.data.extend_from_slice(&sealed);
+        self.data.extend_from_slice(sealed);
         self.entries.push((h, loc));
         self.pending.insert(h);
         self.bytes_added += loc.len as u64;

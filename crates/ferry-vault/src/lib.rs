@@ -40,6 +40,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX jobs_vm ON jobs(vm);
      CREATE TABLE events(id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, vm TEXT, job INTEGER,
                          message TEXT NOT NULL);",
+    // 2: recovery plans
+    "CREATE TABLE plans(name TEXT PRIMARY KEY, groups TEXT NOT NULL);",
 ];
 
 /// Errors of the vault.
@@ -609,6 +611,32 @@ impl Vault {
         Ok(v != 0)
     }
 
+    // ---- recovery plans ----
+
+    /// Adds a recovery plan: ordered groups of VM names.
+    pub fn add_plan(&self, name: &str, groups: &[Vec<String>]) -> Result<()> {
+        if self.plan(name)?.is_some() {
+            return Err(VaultError::Exists(format!(
+                "plan {name} already exists; see it with `ferry plan show {name}`"
+            )));
+        }
+        self.conn.execute(
+            "INSERT INTO plans(name, groups) VALUES (?1, ?2)",
+            params![name, serde_json::to_string(groups).unwrap()],
+        )?;
+        Ok(())
+    }
+
+    /// A plan's groups, if the plan exists.
+    pub fn plan(&self, name: &str) -> Result<Option<Vec<Vec<String>>>> {
+        Ok(self
+            .conn
+            .query_row("SELECT groups FROM plans WHERE name = ?1", [name], |r| {
+                json(r.get(0)?)
+            })
+            .optional()?)
+    }
+
     // ---- events ----
 
     /// Appends an event to the log.
@@ -734,5 +762,13 @@ mod tests {
         assert!(!v.cancel_requested(j.id).unwrap());
         assert_eq!(v.jobs(false).unwrap().len(), 1);
         assert_eq!(v.job_params(j.id).unwrap()["sync"], "delta");
+        let groups = vec![
+            vec!["a".to_string(), "b".to_string()],
+            vec!["c".to_string()],
+        ];
+        v.add_plan("p", &groups).unwrap();
+        assert!(v.add_plan("p", &groups).is_err());
+        assert_eq!(v.plan("p").unwrap().unwrap(), groups);
+        assert!(v.plan("q").unwrap().is_none());
     }
 }
