@@ -153,18 +153,7 @@ impl Hypervisor for DirDriver {
     }
 
     fn check_connected(&self) -> Result<()> {
-        let root = &self.host.root;
-        let not = |reason: String| HvError::NotConnected {
-            host: self.host.name.clone(),
-            root: root.display().to_string(),
-            reason,
-        };
-        let m = std::fs::metadata(root).map_err(|e| not(e.to_string()))?;
-        if !m.is_dir() {
-            return Err(not("not a folder".into()));
-        }
-        std::fs::read_dir(root).map_err(|e| not(e.to_string()))?;
-        Ok(())
+        crate::check_root(&self.host)
     }
 
     fn list_vms(&self) -> Result<Vec<VmInfo>> {

@@ -258,6 +258,23 @@ pub trait Hypervisor: Send + Sync {
     }
 }
 
+/// Checks that a host's root folder exists and can be listed (how file-based drivers see
+/// whether their host is connected).
+pub fn check_root(host: &Host) -> Result<()> {
+    let root = &host.root;
+    let not = |reason: String| HvError::NotConnected {
+        host: host.name.clone(),
+        root: root.display().to_string(),
+        reason,
+    };
+    let m = std::fs::metadata(root).map_err(|e| not(e.to_string()))?;
+    if !m.is_dir() {
+        return Err(not("not a folder".into()));
+    }
+    std::fs::read_dir(root).map_err(|e| not(e.to_string()))?;
+    Ok(())
+}
+
 /// Opens the driver for a host (for `qemu`, fails when the QEMU programs are not installed).
 pub fn connect(host: &Host) -> Result<Box<dyn Hypervisor>> {
     match host.driver {
