@@ -391,8 +391,14 @@ impl Store {
             pack: format!("{:032x}", loc.pack),
             block: hex::encode(h),
         };
-        let frame = self.unseal(frame, h).ok_or_else(corrupt)?;
-        let raw = pack::decode(&frame, loc).ok_or_else(corrupt)?;
+        // One copy (or the decryption itself) per block: an opened frame is decoded in place.
+        let raw = match &self.sealer {
+            Some(s) => s
+                .open(frame, h)
+                .and_then(|plain| pack::decode_owned(plain, loc)),
+            None => pack::decode(frame, loc),
+        }
+        .ok_or_else(corrupt)?;
         if self.hasher.hash(&raw) != *h {
             return Err(corrupt());
         }

@@ -29,10 +29,22 @@ pub fn encode(comp: &mut zstd::bulk::Compressor<'_>, raw: &[u8]) -> (Vec<u8>, Co
 pub fn decode(frame: &[u8], loc: Location) -> Option<Vec<u8>> {
     match loc.codec {
         Codec::Raw => (frame.len() == loc.raw_len as usize).then(|| frame.to_vec()),
-        Codec::Zstd => zstd::bulk::decompress(frame, loc.raw_len as usize)
-            .ok()
-            .filter(|r| r.len() == loc.raw_len as usize),
+        Codec::Zstd => decode_zstd(frame, loc),
     }
+}
+
+/// Decodes a frame the caller owns (a raw frame is returned as is, without a copy).
+pub fn decode_owned(frame: Vec<u8>, loc: Location) -> Option<Vec<u8>> {
+    match loc.codec {
+        Codec::Raw => (frame.len() == loc.raw_len as usize).then_some(frame),
+        Codec::Zstd => decode_zstd(&frame, loc),
+    }
+}
+
+fn decode_zstd(frame: &[u8], loc: Location) -> Option<Vec<u8>> {
+    zstd::bulk::decompress(frame, loc.raw_len as usize)
+        .ok()
+        .filter(|r| r.len() == loc.raw_len as usize)
 }
 
 /// Serializes a pack's index.
