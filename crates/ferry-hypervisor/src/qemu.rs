@@ -405,12 +405,23 @@ impl QemuDriver {
         }
         for d in &vm.disks {
             let file = self.disk_path(vm, d)?;
-            let out = Command::new(&self.img)
-                .args(["check", "-q", "-r", "leaks", "-f", "qcow2"])
-                .arg(&file)
-                .stdin(Stdio::null())
-                .output()
-                .map_err(self.io(format!("run {}", self.img.display())))?;
+            // A QEMU that was just killed may still hold its image lock for a moment while the
+            // kernel tears it down: retry a lock failure for a few seconds before giving up.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let out = loop {
+                let out = Command::new(&self.img)
+                    .args(["check", "-q", "-r", "leaks", "-f", "qcow2"])
+                    .arg(&file)
+                    .stdin(Stdio::null())
+                    .output()
+                    .map_err(self.io(format!("run {}", self.img.display())))?;
+                let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+                if out.status.code() == Some(1) && locked && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+                break out;
+            };
             // 0: clean; 3: leaks left (harmless). 1: could not check; 2: corrupt.
             match out.status.code() {
                 Some(0) | Some(3) => {}
