@@ -44,6 +44,54 @@ pub struct DataFlags {
     pub bandwidth: Option<u64>,
 }
 
+/// Flags of `failback` (for one VM, or for every VM of a plan).
+#[derive(Args, Debug, Clone)]
+pub struct FailbackFlags {
+    /// delta or full
+    #[arg(long, value_parser = ["delta", "full"])]
+    pub sync: Option<String>,
+    /// Fail back to this (alternate) host instead of the original one
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Create the VM on the target host if it does not exist
+    #[arg(long)]
+    pub create_vm: bool,
+    /// Key file (`ferry key new FILE`); required for failover, failback and verify of an encrypted VM
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Run phase 2 right after phase 1 (for a plan: group by group)
+    #[arg(long)]
+    pub auto_complete: bool,
+    /// Report what would move and change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// After the sync, re-read the primary disks and compare every block hash
+    #[arg(long)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub data: DataFlags,
+}
+
+impl FailbackFlags {
+    fn opts(&self) -> Result<FailbackOpts> {
+        let sync = self
+            .sync
+            .as_deref()
+            .map(|s| s.parse::<SyncMode>())
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        Ok(FailbackOpts {
+            sync,
+            host: self.host.clone(),
+            create_vm: self.create_vm,
+            auto_complete: self.auto_complete,
+            dry_run: self.dry_run,
+            verify: self.verify,
+            run: Some(self.data.opts()),
+        })
+    }
+}
+
 impl DataFlags {
     fn opts(&self) -> RunOpts {
         let mut o = RunOpts::default();
@@ -170,29 +218,8 @@ pub enum Cmd {
     Failback {
         /// VM
         vm: String,
-        /// delta or full
-        #[arg(long, value_parser = ["delta", "full"])]
-        sync: Option<String>,
-        /// Fail back to this (alternate) host instead of the original one
-        #[arg(long)]
-        host: Option<String>,
-        /// Create the VM on the target host if it does not exist
-        #[arg(long)]
-        create_vm: bool,
-        /// Key file (`ferry key new FILE`); required for failover, failback and verify of an encrypted VM
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Run phase 2 right after phase 1
-        #[arg(long)]
-        auto_complete: bool,
-        /// Report what would move and change nothing
-        #[arg(long)]
-        dry_run: bool,
-        /// After the sync, re-read the primary disks and compare every block hash
-        #[arg(long)]
-        verify: bool,
         #[command(flatten)]
-        data: DataFlags,
+        flags: FailbackFlags,
     },
     /// Phase 2 of a waiting failback: stop the recovery VM, move the last changes, start the primary.
     ///
@@ -337,29 +364,8 @@ pub enum PlanCmd {
     Failback {
         /// Plan name
         name: String,
-        /// delta or full
-        #[arg(long, value_parser = ["delta", "full"])]
-        sync: Option<String>,
-        /// Alternate host for every VM
-        #[arg(long)]
-        host: Option<String>,
-        /// Create the VMs on the target host if missing
-        #[arg(long)]
-        create_vm: bool,
-        /// Key file for encrypted VMs
-        #[arg(long)]
-        key: Option<PathBuf>,
-        /// Run phase 2 right after phase 1, group by group
-        #[arg(long)]
-        auto_complete: bool,
-        /// Report what would move for every VM and change nothing
-        #[arg(long)]
-        dry_run: bool,
-        /// After each sync, re-read the primary disks and compare every block hash
-        #[arg(long)]
-        verify: bool,
         #[command(flatten)]
-        data: DataFlags,
+        flags: FailbackFlags,
     },
     /// Phase 2 for every VM of the plan, group by group: one "complete" for the whole plan.
     Complete {
@@ -813,32 +819,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 j,
             );
         }
-        Cmd::Failback {
-            vm,
-            sync,
-            host,
-            create_vm,
-            key,
-            auto_complete,
-            dry_run,
-            verify,
-            data,
-        } => {
-            let e = open_with_key(&cli, key)?;
-            let sync = sync
-                .as_deref()
-                .map(|s| s.parse::<SyncMode>())
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
-            let opts = FailbackOpts {
-                sync,
-                host: host.clone(),
-                create_vm: *create_vm,
-                auto_complete: *auto_complete,
-                dry_run: *dry_run,
-                verify: *verify,
-                run: Some(data.opts()),
-            };
+        Cmd::Failback { vm, flags } => {
+            let e = open_with_key(&cli, &flags.key)?;
+            let opts = flags.opts()?;
             let (job, dry) = e.failback(vm, &opts)?;
             if let Some(d) = dry {
                 if j {
@@ -1076,33 +1059,12 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             key,
             Some(data),
         ),
-        PlanCmd::Failback {
+        PlanCmd::Failback { name, flags } => (
             name,
-            sync,
-            host,
-            create_vm,
-            key,
-            auto_complete,
-            dry_run,
-            verify,
-            data,
-        } => {
-            let sync = sync
-                .as_deref()
-                .map(|s| s.parse::<SyncMode>())
-                .transpose()
-                .map_err(anyhow::Error::msg)?;
-            let o = FailbackOpts {
-                sync,
-                host: host.clone(),
-                create_vm: *create_vm,
-                auto_complete: *auto_complete,
-                dry_run: *dry_run,
-                verify: *verify,
-                run: None,
-            };
-            (name, PlanAction::Failback(o), key, Some(data))
-        }
+            PlanAction::Failback(flags.opts()?),
+            &flags.key,
+            Some(&flags.data),
+        ),
         PlanCmd::Complete {
             name,
             key,

@@ -275,6 +275,25 @@ pub fn check_root(host: &Host) -> Result<()> {
     Ok(())
 }
 
+/// Names of the VM folders (holding a `vm.json`) under a host's root, sorted; names that are not
+/// valid VM names are ignored (so nothing outside ferry's naming reaches a driver).
+pub fn vm_names(host: &Host) -> Result<Vec<String>> {
+    let io = |e: std::io::Error| HvError::Io {
+        host: host.name.clone(),
+        detail: format!("list VMs: {e}"),
+    };
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&host.root).map_err(io)? {
+        let e = e.map_err(io)?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if e.path().join("vm.json").is_file() && ferry_model::validate_name("VM", &name).is_ok() {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Opens the driver for a host (for `qemu`, fails when the QEMU programs are not installed).
 pub fn connect(host: &Host) -> Result<Box<dyn Hypervisor>> {
     match host.driver {

@@ -811,17 +811,11 @@ impl Hypervisor for QemuDriver {
     fn list_vms(&self) -> Result<Vec<VmInfo>> {
         self.check_connected()?;
         let mut out = Vec::new();
-        for e in std::fs::read_dir(&self.host.root).map_err(self.io("list VMs"))? {
-            let e = e.map_err(self.io("list VMs"))?;
-            let name = e.file_name().to_string_lossy().to_string();
-            if e.path().join("vm.json").is_file() && ferry_model::validate_name("VM", &name).is_ok()
-            {
-                if let Some(vm) = self.read(&name)? {
-                    out.push(self.info(&vm)?);
-                }
+        for name in crate::vm_names(&self.host)? {
+            if let Some(vm) = self.read(&name)? {
+                out.push(self.info(&vm)?);
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
