@@ -177,6 +177,114 @@ pub struct VmInfo {
     pub qmp: Option<PathBuf>,
 }
 
+/// What ferry keeps to learn later which parts of a disk changed since a moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChangeMark {
+    /// A change stamp of the disk file (`dir` driver): an equal stamp later proves no write.
+    Stamp {
+        /// The stamp.
+        stamp: DiskStamp,
+    },
+    /// A persistent dirty bitmap in the disk image (`qemu` driver) that records every write
+    /// since; later bitmaps of the same disk continue it (see the driver's documentation).
+    Bitmap {
+        /// Bitmap name (`ferry-<generation>`).
+        name: String,
+    },
+}
+
+/// What changed on a disk since a [`ChangeMark`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Only these byte ranges `[start, end)` may differ (empty: nothing changed).
+    Ranges(Vec<(u64, u64)>),
+    /// Unknown: every block must be read. `Some(reason)` when tracking existed but cannot be
+    /// trusted (worth telling the user), `None` when there was nothing to go by.
+    Unknown(Option<String>),
+}
+
+/// One disk of a [`DiskView`].
+pub struct ViewDisk {
+    /// Disk index.
+    pub index: u32,
+    /// The disk's content at the view's moment, read-only.
+    pub dev: Box<dyn BlockDevice>,
+    /// What changed since the mark the view was opened with.
+    pub changes: Changes,
+    /// The view's moment as a mark (`None`: the disk cannot be tracked).
+    pub mark: Option<ChangeMark>,
+}
+
+impl std::fmt::Debug for ViewDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewDisk")
+            .field("index", &self.index)
+            .field("changes", &self.changes)
+            .field("mark", &self.mark)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a driver does when a view closes (`true`: the view's marks were recorded).
+pub type ViewCloser = Box<dyn FnOnce(bool) -> Result<()> + Send>;
+
+/// The disks of one VM opened together for reading, at one moment when `point_in_time`.
+pub struct DiskView {
+    /// The disks in index order.
+    pub disks: Vec<ViewDisk>,
+    /// True when every disk shows the same instant (a stopped VM, or a snapshot of a running
+    /// one); false when a running VM's disks are read as they are.
+    pub point_in_time: bool,
+    closer: Option<ViewCloser>,
+}
+
+impl std::fmt::Debug for DiskView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskView")
+            .field("disks", &self.disks)
+            .field("point_in_time", &self.point_in_time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskView {
+    /// A view of `disks`; `closer` runs after the disks are closed.
+    pub fn new(disks: Vec<ViewDisk>, point_in_time: bool, closer: Option<ViewCloser>) -> Self {
+        DiskView {
+            disks,
+            point_in_time,
+            closer,
+        }
+    }
+
+    /// The view's marks, by disk index.
+    pub fn marks(&self) -> Vec<Option<ChangeMark>> {
+        self.disks.iter().map(|d| d.mark.clone()).collect()
+    }
+
+    /// Closes the disks and the view. `committed`: the caller recorded [`DiskView::marks`], so
+    /// tracking older than them can go.
+    pub fn close(mut self, committed: bool) -> Result<()> {
+        self.disks.clear();
+        match self.closer.take() {
+            Some(c) => c(committed),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DiskView {
+    fn drop(&mut self) {
+        self.disks.clear();
+        if let Some(c) = self.closer.take() {
+            if let Err(e) = c(false) {
+                tracing::warn!("closing a disk view: {e}");
+            }
+        }
+    }
+}
+
 /// What to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
@@ -229,6 +337,63 @@ pub trait Hypervisor: Send + Sync {
     fn set_disk_consistent(&self, name: &str, index: u32, consistent: bool) -> Result<()>;
     /// Change evidence of a disk: equal trusted stamps prove it was not written in between.
     fn disk_stamp(&self, name: &str, index: u32) -> Result<Option<DiskStamp>>;
+
+    /// Starts change tracking on every disk of `vm` from this moment (dropping older tracking)
+    /// and returns one mark per disk (`None`: this disk cannot be tracked). The caller records
+    /// the marks once the disks' maps are known at this moment.
+    ///
+    /// The default takes [`Hypervisor::disk_stamp`]s.
+    fn mark_disks(&self, vm: &str) -> Result<Vec<Option<ChangeMark>>> {
+        let info = self.get_vm(vm)?.ok_or_else(|| self.no_such_vm(vm))?;
+        info.disks
+            .iter()
+            .map(|d| {
+                Ok(self
+                    .disk_stamp(vm, d.index)?
+                    .map(|stamp| ChangeMark::Stamp { stamp }))
+            })
+            .collect()
+    }
+
+    /// Opens every disk of `vm` for reading as one view and says, per disk, what changed since
+    /// the marks `since` (by disk index; `None`: nothing known). Each view disk carries the mark
+    /// of the view's own moment; close the view with `committed = true` once those marks are
+    /// recorded, so tracking older than them is dropped.
+    ///
+    /// The default compares [`Hypervisor::disk_stamp`]s and reads the disks as they are (a
+    /// running VM's writes during the read make the next stamp differ, so nothing is missed).
+    fn open_view(&self, vm: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {
+        let info = self.get_vm(vm)?.ok_or_else(|| self.no_such_vm(vm))?;
+        let mut disks = Vec::new();
+        for d in &info.disks {
+            let now = self.disk_stamp(vm, d.index)?;
+            let changes = match (since.get(d.index as usize).cloned().flatten(), now) {
+                (Some(ChangeMark::Stamp { stamp: old }), Some(now)) if old.unchanged_in(&now) => {
+                    Changes::Ranges(Vec::new())
+                }
+                (Some(ChangeMark::Bitmap { .. }), _) => Changes::Unknown(Some(
+                    "its change mark comes from another hypervisor driver".into(),
+                )),
+                _ => Changes::Unknown(None),
+            };
+            let dev = self.open_disk(vm, d.index, false)?;
+            disks.push(ViewDisk {
+                index: d.index,
+                dev,
+                changes,
+                mark: now.map(|stamp| ChangeMark::Stamp { stamp }),
+            });
+        }
+        Ok(DiskView::new(disks, info.power == Power::Stopped, None))
+    }
+
+    /// The error for a VM this host does not have.
+    fn no_such_vm(&self, vm: &str) -> HvError {
+        HvError::NoSuchVm {
+            vm: vm.into(),
+            host: self.host().name.clone(),
+        }
+    }
 
     /// Disk formats this driver reads and writes.
     fn disk_formats(&self) -> &'static [&'static str] {

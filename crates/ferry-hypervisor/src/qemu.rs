@@ -58,7 +58,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::qmp::{Qmp, QmpError};
-use crate::{DiskInfo, HvError, Hypervisor, Nic, Power, Result, VmInfo, VmSpec};
+
+#[path = "qemu_track.rs"]
+mod track;
+use crate::{
+    ChangeMark, DiskInfo, DiskView, HvError, Hypervisor, Nic, Power, Result, VmInfo, VmSpec,
+};
 
 /// NBD connections per open disk (requests on one connection are serialised).
 pub const NBD_CONNECTIONS: usize = 4;
@@ -444,6 +449,20 @@ impl QemuDriver {
         Ok(())
     }
 
+    /// Readies a stopped VM's images for `action` (the caller holds the lock): cleans up after
+    /// a dead QEMU and checks its disks; refuses while another ferry process has a disk open.
+    fn prepare_stopped_images(&self, vm: &VmFile, p: &VmPaths, action: &str) -> Result<()> {
+        self.clean_after_exit(p, true);
+        let busy = self.reap_stale_nbd(p);
+        if let Some(owner) = busy.first() {
+            return Err(self.process(
+                &vm.name,
+                format!("cannot {action}: a disk is open by ferry process {owner} (a running job); wait for it to finish, or cancel it, and retry"),
+            ));
+        }
+        self.check_if_unclean(vm, p)
+    }
+
     fn info(&self, vm: &VmFile) -> Result<VmInfo> {
         let p = self.paths(&vm.name)?;
         let disks = vm
@@ -693,6 +712,7 @@ impl QemuDriver {
         d: &DiskFile,
         p: &VmPaths,
         writable: bool,
+        bitmaps: &[String],
     ) -> Result<QemuDisk> {
         let file = self.disk_path(vm, d)?;
         let base = p.dir.join(unique_name("nbd"));
@@ -716,6 +736,15 @@ impl QemuDriver {
         } else {
             cmd.arg("--read-only");
         }
+        for b in bitmaps {
+            cmd.arg(format!("--bitmap={b}"));
+        }
+        let ctx_names: Vec<String> = bitmaps
+            .iter()
+            .map(|b| ferry_nbd::dirty_bitmap_context(b))
+            .collect();
+        let mut contexts = vec![BASE_ALLOCATION];
+        contexts.extend(ctx_names.iter().map(String::as_str));
         cmd.arg(&file)
             .current_dir(&p.dir)
             .stdin(Stdio::null())
@@ -759,7 +788,7 @@ impl QemuDriver {
                 ));
             }
             if sock.exists() {
-                match NbdDisk::connect_unix(&sock, &export, &[BASE_ALLOCATION]) {
+                match NbdDisk::connect_unix(&sock, &export, &contexts) {
                     Ok(c) => break c,
                     Err(NbdError::Connect { .. }) => {}
                     Err(e) => {
@@ -788,7 +817,7 @@ impl QemuDriver {
         let mut first = Some(first);
         let connect = || match first.take() {
             Some(c) => Ok(c),
-            None => NbdDisk::connect_unix(&sock, &export, &[BASE_ALLOCATION]),
+            None => NbdDisk::connect_unix(&sock, &export, &contexts),
         };
         QemuDisk::connect(server, d.size, connect).map_err(|e| {
             self.process(
@@ -1005,7 +1034,7 @@ impl Hypervisor for QemuDriver {
         if busy.is_empty() {
             self.check_if_unclean(&vm, &p)?;
         }
-        let disk = self.open_stopped(&vm, &d, &p, writable)?;
+        let disk = self.open_stopped(&vm, &d, &p, writable, &[])?;
         drop(g);
         Ok(Box::new(disk))
     }
@@ -1024,6 +1053,28 @@ impl Hypervisor for QemuDriver {
         }
         d.consistent = consistent;
         self.write(&vm)
+    }
+
+    fn mark_disks(&self, name: &str) -> Result<Vec<Option<ChangeMark>>> {
+        let p = self.paths(name)?;
+        let vm = self.must_read(name)?;
+        let _g = self.lock(&p)?;
+        if Self::live_pid(&p).is_some() {
+            return self.mark_running(&vm, &p);
+        }
+        self.prepare_stopped_images(&vm, &p, "start change tracking")?;
+        self.mark_stopped(&vm)
+    }
+
+    fn open_view(&self, name: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {
+        let p = self.paths(name)?;
+        let vm = self.must_read(name)?;
+        let _g = self.lock(&p)?;
+        if Self::live_pid(&p).is_some() {
+            return self.view_running(&vm, &p, since);
+        }
+        self.prepare_stopped_images(&vm, &p, "read the disks with change tracking")?;
+        self.view_stopped(&vm, &p, since)
     }
 
     /// Always `None`: qcow2 metadata does not prove the guest wrote nothing (dirty bitmaps

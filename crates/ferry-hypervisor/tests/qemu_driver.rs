@@ -262,3 +262,180 @@ fn a_qemu_that_cannot_start_is_reported_with_its_log() {
     assert_eq!(d.get_vm("bad").unwrap().unwrap().power, Power::Stopped);
     assert!(processes_under(dir.path()).is_empty());
 }
+
+/// A guest write of `len` bytes of `pattern` at `offset` on disk 0 of running `vm`.
+fn guest_write(d: &QemuDriver, vm: &str, pattern: u8, offset: u64, len: u64) {
+    let mut q = qmp_of(d, vm);
+    let out = q
+        .human_monitor_command(&format!(
+            "qemu-io -d vblk0/virtio-backend \"write -P {pattern} {offset} {len}\""
+        ))
+        .unwrap();
+    assert_eq!(out, "", "guest write failed");
+}
+
+fn read(dev: &dyn ferry_blocks::BlockDevice, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    dev.read_at(offset, &mut b).unwrap();
+    b
+}
+
+/// Names of the dirty bitmaps of `disk0` in the running QEMU of `vm`.
+fn bitmaps(d: &QemuDriver, vm: &str) -> Vec<String> {
+    let nodes = qmp_of(d, vm)
+        .execute(
+            "query-named-block-nodes",
+            Some(serde_json::json!({"flat": true})),
+        )
+        .unwrap();
+    let node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "disk0")
+        .unwrap()
+        .clone();
+    let mut names: Vec<String> = node["dirty-bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn change_tracking_views_are_point_in_time_and_exact() {
+    use ferry_hypervisor::{ChangeMark, Changes};
+    let dir = tempfile::tempdir().unwrap();
+    let Some(d) = driver(dir.path()) else { return };
+    let _cleanup = Cleanup(dir.path());
+    d.create_vm(&VmSpec {
+        name: "db1".into(),
+        cpus: 1,
+        memory: 64 * MIB,
+        disks: vec![32 * MIB],
+        nics: vec![],
+    })
+    .unwrap();
+
+    // Marked while stopped; the guest writes 128 KiB at 4 MiB.
+    let marks = d.mark_disks("db1").unwrap();
+    assert!(
+        matches!(marks[0], Some(ChangeMark::Bitmap { .. })),
+        "{marks:?}"
+    );
+    d.start_vm("db1").unwrap();
+    guest_write(&d, "db1", 0xab, 4 * MIB, 128 << 10);
+
+    // A view of the running VM sees exactly that range, at one instant.
+    let view = d.open_view("db1", &marks).unwrap();
+    assert!(view.point_in_time);
+    assert_eq!(
+        view.disks[0].changes,
+        Changes::Ranges(vec![(4 * MIB, 4 * MIB + (128 << 10))])
+    );
+    // The guest keeps writing; the view does not move.
+    guest_write(&d, "db1", 0xcd, 4 * MIB, 64 << 10);
+    guest_write(&d, "db1", 0xcd, 20 * MIB, 64 << 10);
+    assert_eq!(
+        read(view.disks[0].dev.as_ref(), 4 * MIB, 4096),
+        vec![0xab; 4096]
+    );
+    assert_eq!(
+        read(view.disks[0].dev.as_ref(), 20 * MIB, 4096),
+        vec![0; 4096]
+    );
+    let marks2 = view.marks();
+    assert_ne!(marks2, marks);
+    view.close(true).unwrap();
+    // Closing committed leaves only the new generation; no overlay, node or file remains.
+    let ChangeMark::Bitmap { name } = marks2[0].clone().unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(bitmaps(&d, "db1"), vec![name.clone()]);
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("db1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("fv"))
+        .collect();
+    assert!(left.is_empty(), "overlays left behind: {left:?}");
+
+    // Writes after the view are what the next view reports; an uncommitted view keeps the
+    // older generation so nothing is lost.
+    let view = d.open_view("db1", &marks2).unwrap();
+    assert_eq!(
+        view.disks[0].changes,
+        Changes::Ranges(vec![
+            (4 * MIB, 4 * MIB + (64 << 10)),
+            (20 * MIB, 20 * MIB + (64 << 10))
+        ])
+    );
+    drop(view);
+    guest_write(&d, "db1", 0xee, 8 * MIB, 64 << 10);
+    let view = d.open_view("db1", &marks2).unwrap();
+    let Changes::Ranges(r) = &view.disks[0].changes else {
+        panic!()
+    };
+    assert_eq!(r.len(), 3, "{r:?}");
+    let marks3 = view.marks();
+    view.close(true).unwrap();
+
+    // Stopped cleanly: the bitmaps persist in the image and a stopped view reads them.
+    d.stop_vm("db1").unwrap();
+    let view = d.open_view("db1", &marks3).unwrap();
+    assert_eq!(view.disks[0].changes, Changes::Ranges(vec![]));
+    assert_eq!(
+        read(view.disks[0].dev.as_ref(), 8 * MIB, 4096),
+        vec![0xee; 4096]
+    );
+    let marks4 = view.marks();
+    view.close(true).unwrap();
+
+    // QEMU killed after writing: the bitmap was never saved, so tracking says it cannot tell.
+    d.start_vm("db1").unwrap();
+    guest_write(&d, "db1", 0x11, 12 * MIB, 64 << 10);
+    let pid: i32 = std::fs::read_to_string(dir.path().join("db1/qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let t = Instant::now();
+    while d.get_vm("db1").unwrap().unwrap().power == Power::Running {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let view = d.open_view("db1", &marks4).unwrap();
+    match &view.disks[0].changes {
+        Changes::Unknown(Some(why)) => assert!(why.contains("inconsistent"), "{why}"),
+        other => panic!("a killed QEMU's bitmap was trusted: {other:?}"),
+    }
+    drop(view);
+    // A fresh mark starts over and is exact again.
+    let marks5 = d.mark_disks("db1").unwrap();
+    let view = d.open_view("db1", &marks5).unwrap();
+    assert_eq!(view.disks[0].changes, Changes::Ranges(vec![]));
+    drop(view);
+    // A lost bitmap (removed behind ferry's back) is reported too.
+    d.start_vm("db1").unwrap();
+    let ChangeMark::Bitmap { name } = marks5[0].clone().unwrap() else {
+        unreachable!()
+    };
+    qmp_of(&d, "db1")
+        .execute(
+            "block-dirty-bitmap-remove",
+            Some(serde_json::json!({"node": "disk0", "name": name})),
+        )
+        .unwrap();
+    let view = d.open_view("db1", &marks5).unwrap();
+    match &view.disks[0].changes {
+        Changes::Unknown(Some(why)) => assert!(why.contains("missing"), "{why}"),
+        other => panic!("a removed bitmap was trusted: {other:?}"),
+    }
+    drop(view);
+    d.stop_vm("db1").unwrap();
+}
