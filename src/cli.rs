@@ -65,7 +65,8 @@ pub struct FailbackFlags {
     /// Report what would move and change nothing
     #[arg(long)]
     pub dry_run: bool,
-    /// After the sync, re-read the primary disks and compare every block hash
+    /// Read every recovery block instead of trusting change tracking, and after the final
+    /// sync re-read the primary disks and compare every block hash
     #[arg(long)]
     pub verify: bool,
     #[command(flatten)]
@@ -167,6 +168,10 @@ pub enum Cmd {
         /// Key file (default: the one given to `protect`)
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Read every block and compare hashes instead of trusting change tracking (the job
+        /// notes whether tracking agreed)
+        #[arg(long)]
+        verify: bool,
         #[command(flatten)]
         data: DataFlags,
     },
@@ -232,7 +237,8 @@ pub enum Cmd {
         /// Key file (default: the one given to `protect`)
         #[arg(long)]
         key: Option<PathBuf>,
-        /// After the sync, re-read the primary disks and compare every block hash
+        /// Read every recovery block instead of trusting change tracking, and after the sync
+        /// re-read the primary disks and compare every block hash
         #[arg(long)]
         verify: bool,
         #[command(flatten)]
@@ -264,6 +270,10 @@ pub enum Cmd {
         /// Key file (default: the one given to `protect`)
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Read every block and compare hashes instead of trusting change tracking (the job
+        /// notes whether tracking agreed)
+        #[arg(long)]
+        verify: bool,
         #[command(flatten)]
         data: DataFlags,
     },
@@ -762,9 +772,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let job = e.protect(vm, to, *rpo, *retention, *block_size, data.opts())?;
             output::job(&job, j);
         }
-        Cmd::Replicate { vm, key, data } => {
+        Cmd::Replicate {
+            vm,
+            key,
+            verify,
+            data,
+        } => {
             let e = open_with_key(&cli, key)?;
-            output::job(&e.replicate(vm, data.opts())?, j);
+            output::job(&e.replicate(vm, data.opts(), *verify)?, j);
         }
         Cmd::Points { vm } => {
             let e = open(&cli)?;
@@ -878,9 +893,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let e = open(&cli)?;
             output::job(&e.commit(vm)?, j);
         }
-        Cmd::ReverseReplicate { vm, key, data } => {
+        Cmd::ReverseReplicate {
+            vm,
+            key,
+            verify,
+            data,
+        } => {
             let e = open_with_key(&cli, key)?;
-            output::job(&e.reverse_replicate(vm, data.opts())?, j);
+            output::job(&e.reverse_replicate(vm, data.opts(), *verify)?, j);
         }
         Cmd::Status { vm } => {
             let e = open(&cli)?;

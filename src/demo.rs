@@ -198,7 +198,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
         guest_writes(p, 0.02, 10 + i as u64)?;
     }
     timed("replicate (2% of blocks changed)", &mut || {
-        e.replicate(VM, opts)
+        e.replicate(VM, opts, false)
     })?;
     timed("planned failover to dr1", &mut || {
         e.failover(VM, FailoverMode::Planned, None, None, opts)
@@ -267,7 +267,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
         guest_writes(p, 0.01, 40 + i as u64)?;
     }
     timed("reverse replicate (1% changed since failback)", &mut || {
-        e.reverse_replicate(VM, opts)
+        e.reverse_replicate(VM, opts, false)
     })?;
     let state = e.status(VM)?;
     if as_json {

@@ -52,6 +52,9 @@ pub fn job(j: &Job, as_json: bool) {
             };
             println!("  {:<32} {:<10}{}", s.name, s.state.as_str(), bytes);
         }
+        for n in &j.notes {
+            println!("  note: {n}");
+        }
     }
 }
 

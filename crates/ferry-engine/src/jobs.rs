@@ -49,6 +49,11 @@ impl JobCtx {
         self.read.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Bytes read from disks so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
     /// Counts bytes written to a disk.
     pub fn add_written(&self, n: u64) {
         self.written.fetch_add(n, Ordering::Relaxed);
@@ -232,6 +237,17 @@ impl JobRun {
         let cur = *self.current_step.lock().unwrap();
         if let Some(i) = cur {
             self.shared.lock().unwrap().steps[i].bytes_done += done;
+        }
+    }
+
+    /// Adds a note for the user to the job (kept with it; shown by `job show`). A note
+    /// already there is not repeated (a resumed job may say the same thing again).
+    pub fn note(&self, msg: impl Into<String>) {
+        let msg = msg.into();
+        tracing::info!("job note: {msg}");
+        let mut j = self.shared.lock().unwrap();
+        if !j.notes.contains(&msg) {
+            j.notes.push(msg);
         }
     }
 

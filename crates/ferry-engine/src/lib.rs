@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_blocks::{BlockMap, DiskStamp, MapJournal};
-use ferry_hypervisor::{Hypervisor, VmInfo};
+use ferry_blocks::{BlockMap, MapJournal};
+use ferry_hypervisor::{ChangeMark, Hypervisor, VmInfo};
 use ferry_model::{Host, ItemState, Job, ProtectedItem, Site, SiteRole};
 use ferry_store::Store;
 use ferry_vault::Vault;
@@ -59,8 +59,10 @@ impl Copy {
 pub struct CopyState {
     /// Host of the copy.
     pub host: String,
-    /// Per disk, the stamp taken when its map was last exact.
-    pub stamps: Vec<Option<DiskStamp>>,
+    /// Per disk, the change mark of the moment its map was last exact (older vaults' stamps
+    /// are not read back: those disks are scanned once).
+    #[serde(default)]
+    pub marks: Vec<Option<ChangeMark>>,
 }
 
 /// The engine's private state of a protected item (kept as JSON in the vault).
@@ -399,7 +401,9 @@ impl Engine {
     // ---- engine state of items ----
 
     fn extra(&self, vm: &str) -> Result<ItemExtra> {
-        Ok(serde_json::from_value(self.vault.item_extra(vm)?).unwrap_or_default())
+        serde_json::from_value(self.vault.item_extra(vm)?).with_context(|| {
+            format!("the vault's state of VM {vm} cannot be read (written by a newer ferry?); upgrade ferry, or re-protect the VM")
+        })
     }
 
     fn set_extra(&self, vm: &str, e: &ItemExtra) -> Result<()> {
@@ -499,5 +503,42 @@ impl Engine {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_state_with_every_kind_of_change_mark_round_trips_through_json() {
+        let stamp = ferry_blocks::DiskStamp {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 1_795_702_417_943_952_769,
+            ctime_ns: 1_795_702_417_943_952_769,
+            taken_ns: 1_795_702_417_952_309_257,
+            local_fs: true,
+        };
+        let e = ItemExtra {
+            primary: Some(CopyState {
+                host: "h1".into(),
+                marks: vec![Some(ChangeMark::Stamp { stamp }), None],
+            }),
+            recovery: Some(CopyState {
+                host: "r1".into(),
+                marks: vec![Some(ChangeMark::Bitmap {
+                    name: "ferry-17".into(),
+                })],
+            }),
+            key_id: Some("k1".into()),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        let back: ItemExtra = serde_json::from_value(v).unwrap();
+        assert_eq!(back.primary, e.primary);
+        assert_eq!(back.recovery, e.recovery);
+        assert_eq!(back.key_id, e.key_id);
     }
 }

@@ -39,6 +39,8 @@ struct ChunkIn {
     data: Vec<u8>,
     /// False when the chunk lies in a hole (data is empty; every block is zero).
     read: bool,
+    /// Per block, its hash when known without reading it (empty: every block was read).
+    preset: Vec<Option<Hash>>,
 }
 
 struct ChunkOut {
@@ -66,6 +68,53 @@ pub struct PassSpec<'a> {
     pub write: Option<(&'a dyn BlockDevice, &'a mut MapJournal)>,
     /// Count moved payload as crossing sites (`bytes_transferred`).
     pub crosses_sites: bool,
+    /// What is known about the source without reading it (change tracking): blocks outside
+    /// its changed ranges are read only when their data must move.
+    pub known: Option<KnownSource>,
+}
+
+/// The source's content as far as change tracking proves it.
+#[derive(Debug, Clone)]
+pub struct KnownSource {
+    /// The source's map at the tracking mark.
+    pub map: Arc<BlockMap>,
+    /// Byte ranges `[start, end)` written since the mark (sorted): read and hashed again.
+    pub changed: Vec<(u64, u64)>,
+}
+
+impl KnownSource {
+    /// Per block: its hash when it need not be read — outside the changed ranges, known, and
+    /// `must_read(known, target)` false (its data is not needed to move it).
+    fn presets(
+        &self,
+        target: &BlockMap,
+        must_read: impl Fn(Hash, Hash) -> bool,
+    ) -> Vec<Option<Hash>> {
+        let bs = self.map.block_size;
+        let mut dirty = vec![false; self.map.len()];
+        for &(s, e) in &self.changed {
+            if e <= s {
+                continue;
+            }
+            let first = (s / bs) as usize;
+            let last = (e.div_ceil(bs) as usize).min(dirty.len());
+            for d in dirty.iter_mut().take(last).skip(first) {
+                *d = true;
+            }
+        }
+        self.map
+            .hashes
+            .iter()
+            .zip(&target.hashes)
+            .zip(dirty)
+            .map(|((&k, &t), dirty)| {
+                if dirty || k == ferry_blocks::UNKNOWN {
+                    return None;
+                }
+                (!must_read(k, t)).then_some(k)
+            })
+            .collect()
+    }
 }
 
 /// Outcome of a pass.
@@ -92,6 +141,26 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         nblocks
     );
     let data_ranges = spec.src.data_ranges().context("listing allocated ranges")?;
+    if let Some(k) = &spec.known {
+        anyhow::ensure!(
+            k.map.len() as u64 == nblocks && k.map.block_size == bs,
+            "internal: known map does not fit the source"
+        );
+    }
+    let writes_any = spec.write.is_some();
+    // Onto a disk, a block that differs from the target needs its data. Into a store, a block
+    // needs its data only when the store lacks it (even when unchanged: a point must never
+    // refer to a block the store lost); hashing alone never needs it.
+    let presets: Vec<Option<Hash>> = match &spec.known {
+        None => Vec::new(),
+        Some(k) => k.presets(&spec.target, |known, target| {
+            if writes_any {
+                known != target
+            } else {
+                known != ZERO && spec.store.as_ref().is_some_and(|st| !st.contains(&known))
+            }
+        }),
+    };
     let mut chunks: Vec<(u64, u64)> = Vec::new();
     let mut b = 0;
     while b < nblocks {
@@ -126,6 +195,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         let out_err = out_tx.clone();
         let chunks_ref = &chunks;
         let ranges_ref = &data_ranges;
+        let presets_ref = &presets;
         s.spawn(move || {
             for (seq, &(first, n)) in chunks_ref.iter().enumerate() {
                 if tok_rx.recv().is_err() || ctx.is_cancelled() {
@@ -135,13 +205,38 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                 let end = ((first + n) * bs).min(size);
                 let in_data = ranges_ref.iter().any(|&(a, b)| a < end && b > start);
                 let mut data = Vec::new();
+                let mut preset = Vec::new();
+                if in_data && !presets_ref.is_empty() {
+                    preset = presets_ref[first as usize..(first + n) as usize].to_vec();
+                }
                 if in_data {
                     data = vec![0u8; (end - start) as usize];
-                    if let Err(e) = src.read_at(start, &mut data) {
-                        let _ = out_err.send(Err(e.into()));
+                    // Runs of blocks that must be read (all of them without presets).
+                    let mut k = 0u64;
+                    let mut failed = false;
+                    while k < n {
+                        if !preset.is_empty() && preset[k as usize].is_some() {
+                            k += 1;
+                            continue;
+                        }
+                        let mut m = 1;
+                        while k + m < n && (preset.is_empty() || preset[(k + m) as usize].is_none())
+                        {
+                            m += 1;
+                        }
+                        let s = (k * bs) as usize;
+                        let e = (((k + m) * bs) as usize).min(data.len());
+                        if let Err(err) = src.read_at(start + s as u64, &mut data[s..e]) {
+                            let _ = out_err.send(Err(err.into()));
+                            failed = true;
+                            break;
+                        }
+                        ctx.add_read((e - s) as u64);
+                        k += m;
+                    }
+                    if failed {
                         break;
                     }
-                    ctx.add_read(end - start);
                 }
                 ctx.add_step_done(end - start);
                 if work_tx
@@ -151,6 +246,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         n,
                         data,
                         read: in_data,
+                        preset,
                     })
                     .is_err()
                 {
@@ -318,7 +414,9 @@ fn hash_chunk(
     let mut moved = Vec::new();
     for k in 0..nblocks {
         let idx = c.first + k;
-        let h = if c.read {
+        let h = if let Some(Some(h)) = c.preset.get(k as usize) {
+            *h
+        } else if c.read {
             let s = (k * bs) as usize;
             let e = (s + bs as usize).min(c.data.len());
             hasher.hash(&c.data[s..e])
@@ -334,6 +432,9 @@ fn hash_chunk(
             continue;
         }
         let (frame, wire_len) = if h == ZERO {
+            (None, 0)
+        } else if store.is_none() {
+            // Hash-only or disk-to-disk: nothing to encode.
             (None, 0)
         } else if let Some(loc) = store.and_then(|s| s.locate(&h)) {
             (None, loc.len as u64)
@@ -531,4 +632,99 @@ pub fn restore(
         dev.flush()?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_blocks::RawDisk;
+
+    const BS: u64 = 4096;
+
+    fn disk(dir: &std::path::Path, name: &str, fill: impl Fn(u64) -> u8) -> RawDisk {
+        let d = RawDisk::create(&dir.join(name), 64 * BS).unwrap();
+        for b in 0..64 {
+            d.write_at(b * BS, &vec![fill(b); BS as usize]).unwrap();
+        }
+        d
+    }
+
+    fn scan(ctx: &JobCtx, src: &dyn BlockDevice, known: Option<KnownSource>) -> PassResult {
+        pass(
+            ctx,
+            PassSpec {
+                src,
+                block_size: BS,
+                target: Arc::new(BlockMap::unknown(64 * BS, BS)),
+                hasher: Hasher::PLAIN,
+                store: None,
+                write: None,
+                crosses_sites: false,
+                known,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_known_source_is_read_only_where_it_changed_or_its_data_must_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = disk(dir.path(), "src", |b| b as u8 + 1);
+        let ctx = JobCtx::new(2, None);
+        let full = scan(&ctx, &src, None);
+        assert_eq!(ctx.bytes_read(), 64 * BS);
+        let mark = Arc::new(full.map.clone());
+
+        // Blocks 5 and 40 change; tracking reports only block 5 (to prove the rest is trusted).
+        src.write_at(5 * BS, &vec![0xee; BS as usize]).unwrap();
+        src.write_at(40 * BS, &vec![0xee; BS as usize]).unwrap();
+        let ctx = JobCtx::new(2, None);
+        let tracked = scan(
+            &ctx,
+            &src,
+            Some(KnownSource {
+                map: mark.clone(),
+                changed: vec![(5 * BS + 10, 5 * BS + 20)],
+            }),
+        );
+        assert_eq!(ctx.bytes_read(), BS, "only the changed block is read");
+        assert_ne!(tracked.map.hashes[5], full.map.hashes[5]);
+        assert_eq!(
+            tracked.map.hashes[40], full.map.hashes[40],
+            "untracked block trusted"
+        );
+
+        // Onto a disk: a block outside the changed ranges is still read when the target
+        // differs there (its data must move), and the target ends equal to the source.
+        let dst = disk(dir.path(), "dst", |b| if b == 9 { 0 } else { b as u8 + 1 });
+        let mut target = full.map.clone();
+        target.hashes[9] = ferry_blocks::ZERO;
+        let mut journal = MapJournal::open(&dir.path().join("j")).unwrap();
+        let ctx = JobCtx::new(2, None);
+        let r = pass(
+            &ctx,
+            PassSpec {
+                src: &src,
+                block_size: BS,
+                target: Arc::new(target),
+                hasher: Hasher::PLAIN,
+                store: None,
+                write: Some((&dst, &mut journal)),
+                crosses_sites: false,
+                known: Some(KnownSource {
+                    map: mark,
+                    changed: vec![(5 * BS, 6 * BS), (40 * BS, 41 * BS)],
+                }),
+            },
+        )
+        .unwrap();
+        assert_eq!(r.blocks_moved, 3);
+        assert_eq!(ctx.bytes_read(), 3 * BS);
+        for b in 0..64 {
+            let (mut x, mut y) = (vec![0u8; BS as usize], vec![0u8; BS as usize]);
+            src.read_at(b * BS, &mut x).unwrap();
+            dst.read_at(b * BS, &mut y).unwrap();
+            assert_eq!(x, y, "block {b}");
+        }
+    }
 }

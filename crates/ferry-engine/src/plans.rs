@@ -172,9 +172,9 @@ impl Engine {
                         self.complete(vm, opts, *verify).map(|j| (Some(j), None))
                     }
                     PlanAction::Commit => self.commit(vm).map(|j| (Some(j), None)),
-                    PlanAction::ReverseReplicate => {
-                        self.reverse_replicate(vm, opts).map(|j| (Some(j), None))
-                    }
+                    PlanAction::ReverseReplicate => self
+                        .reverse_replicate(vm, opts, false)
+                        .map(|j| (Some(j), None)),
                 };
                 let (job, dry_run) = r.with_context(|| {
                     format!(

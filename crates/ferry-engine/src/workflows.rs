@@ -3,8 +3,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_blocks::{BlockMap, DiskStamp, Manifest, MapJournal, ZERO};
-use ferry_hypervisor::{Hypervisor, Power, VmInfo, VmSpec};
+use ferry_blocks::{BlockMap, Manifest, MapJournal, ZERO};
+use ferry_hypervisor::{Changes, DiskView, Hypervisor, Power, ViewDisk, VmInfo, VmSpec};
 use ferry_model::{
     begin, finish, Command, Host, ItemState, Job, JobKind, JobState, Outcome, PointKind,
     ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::jobs::{this_runner, Cancelled, JobCtx, JobRun};
-use crate::pipeline::{pass, restore, PassSpec};
+use crate::pipeline::{pass, restore, KnownSource, PassSpec};
 use crate::{Copy, CopyState, Engine, ItemExtra};
 
 /// Resources a data-moving command may use.
@@ -124,10 +124,86 @@ struct FailbackParams {
     /// 1 while pre-syncing, 2 once the recovery VM was stopped for the final sync.
     phase: u8,
     rounds: u32,
-    /// Recovery-disk stamps taken when the last completed phase-1 round started.
-    phase1_stamps: Vec<Option<DiskStamp>>,
     /// True once a full download reset the primary maps to unknown.
     full_reset: bool,
+}
+
+/// The disk `index` of a view.
+fn view_disk(view: &DiskView, index: u32) -> Result<&ViewDisk> {
+    view.disks
+        .iter()
+        .find(|d| d.index == index)
+        .ok_or_else(|| anyhow!("internal: the disk view has no disk {index}"))
+}
+
+/// What change tracking proves about a view disk whose content at its mark was `base`: the
+/// source map to trust outside the changed ranges, or `None` (read every block). Says so in
+/// the job when tracking existed but cannot be trusted, or `verify` overrides it.
+fn known_source(
+    run: &JobRun,
+    vd: &ViewDisk,
+    base: Option<&BlockMap>,
+    verify: bool,
+    host: &str,
+) -> Option<KnownSource> {
+    match (&vd.changes, base) {
+        (Changes::Ranges(r), Some(m)) if !verify => Some(KnownSource {
+            map: Arc::new(m.clone()),
+            changed: r.clone(),
+        }),
+        (Changes::Unknown(Some(why)), _) => {
+            run.note(format!(
+                "disk {} on host {host}: change tracking cannot be trusted ({why}); read every block instead (hash scan)",
+                vd.index
+            ));
+            None
+        }
+        _ => None,
+    }
+}
+
+/// After a `--verify` full read: tells in the job whether change tracking would have found
+/// every block that changed since `base` (a block it missed was synced anyway).
+fn check_tracking(
+    run: &JobRun,
+    vd: &ViewDisk,
+    base: Option<&BlockMap>,
+    now: &BlockMap,
+    host: &str,
+) {
+    let (Changes::Ranges(r), Some(base)) = (&vd.changes, base) else {
+        run.note(format!(
+            "disk {} on host {host}: --verify: every block read and compared by hash (no change tracking to check)",
+            vd.index
+        ));
+        return;
+    };
+    let bs = base.block_size;
+    let missed = (0..now.len())
+        .filter(|&i| base.hashes[i] != now.hashes[i])
+        .filter(|&i| {
+            let (s, e) = (i as u64 * bs, (i as u64 + 1) * bs);
+            !r.iter().any(|&(a, b)| a < e && b > s)
+        })
+        .count();
+    if missed == 0 {
+        run.note(format!(
+            "disk {} on host {host}: --verify: a full hash comparison agrees with change tracking",
+            vd.index
+        ));
+    } else {
+        run.note(format!(
+            "disk {} on host {host}: --verify: {missed} changed blocks were not reported by change tracking (synced anyway); report this as a bug",
+            vd.index
+        ));
+    }
+}
+
+/// Closes a view whose marks were recorded; a failed clean-up is noted, not fatal.
+fn close_view(run: &JobRun, view: DiskView) {
+    if let Err(e) = view.close(true) {
+        run.note(format!("cleaning up the disk snapshot: {e}"));
+    }
 }
 
 /// The command that resumes a job of this kind.
@@ -416,13 +492,13 @@ impl Engine {
         )?;
         self.enter(&mut item, next, run.id())?;
         let r = self
-            .replicate_copy(&run, &item, &host, "initial replication")
+            .replicate_copy(&run, &item, &host, "initial replication", false)
             .map(|p| (Outcome::Succeeded, p));
         Ok(self.conclude(vm, Command::Protect, run, r)?.0)
     }
 
     /// Runs one replication cycle now.
-    pub fn replicate(&self, vm: &str, opts: RunOpts) -> Result<Job> {
+    pub fn replicate(&self, vm: &str, opts: RunOpts, verify: bool) -> Result<Job> {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
         let next = begin(vm, item.state, Command::Replicate)?;
@@ -437,13 +513,13 @@ impl Engine {
         )?;
         self.enter(&mut item, next, run.id())?;
         let r = self
-            .replicate_copy(&run, &item, &host, "replicate changes")
+            .replicate_copy(&run, &item, &host, "replicate changes", verify)
             .map(|p| (Outcome::Succeeded, p));
         Ok(self.conclude(vm, Command::Replicate, run, r)?.0)
     }
 
     /// Protects a failed-back VM again, sending only blocks changed since the failback.
-    pub fn reverse_replicate(&self, vm: &str, opts: RunOpts) -> Result<Job> {
+    pub fn reverse_replicate(&self, vm: &str, opts: RunOpts, verify: bool) -> Result<Job> {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
         let next = begin(vm, item.state, Command::ReverseReplicate)?;
@@ -459,19 +535,27 @@ impl Engine {
         )?;
         self.enter(&mut item, next, run.id())?;
         let r = self
-            .replicate_copy(&run, &item, &host, "replicate changes since failback")
+            .replicate_copy(
+                &run,
+                &item,
+                &host,
+                "replicate changes since failback",
+                verify,
+            )
             .map(|p| (Outcome::Succeeded, p));
         Ok(self.conclude(vm, Command::ReverseReplicate, run, r)?.0)
     }
 
-    /// Replicates the primary copy into a new recovery point (only blocks that differ from the
-    /// copy's known map and are new to the store move).
+    /// Replicates the primary copy into a new recovery point: a point-in-time view of its
+    /// disks, reading only what change tracking says changed (every block when it cannot
+    /// tell, or with `verify`); only blocks new to the store move.
     fn replicate_copy(
         &self,
         run: &JobRun,
         item: &ProtectedItem,
         host: &Host,
         step: &str,
+        verify: bool,
     ) -> Result<RecoveryPoint> {
         let d = self.driver(host)?;
         let info = d
@@ -481,58 +565,49 @@ impl Engine {
         let store = self.item_store(item)?;
         let mut extra = self.extra(&item.vm)?;
         let known = extra.primary.clone().filter(|p| p.host == host.name);
+        let since = known.as_ref().map(|k| k.marks.clone()).unwrap_or_default();
         let total: u64 = info.disks.iter().map(|x| x.size).sum();
         run.begin_step(step, total);
+        let view = d.open_view(&item.vm, &since)?;
         let mut maps = Vec::new();
-        let mut stamps = Vec::new();
         for disk in &info.disks {
-            let before = d.disk_stamp(&item.vm, disk.index)?;
+            let vd = view_disk(&view, disk.index)?;
             let base = match &known {
-                Some(k) => self
+                Some(_) => self
                     .load_map(&item.vm, Copy::Primary, disk.index)?
-                    .filter(|m| m.size == disk.size && m.block_size == item.block_size)
-                    .map(|m| (m, k.stamps.get(disk.index as usize).copied().flatten())),
+                    .filter(|m| m.size == disk.size && m.block_size == item.block_size),
                 None => None,
             };
-            let unchanged = match (&base, before) {
-                (Some((m, Some(old))), Some(now)) => {
-                    old.unchanged_in(&now)
-                        && m.hashes.iter().all(|h| *h == ZERO || store.contains(h))
-                }
-                _ => false,
-            };
-            let map = if unchanged {
-                run.ctx.add_step_done(disk.size);
-                base.unwrap().0
-            } else {
-                let target = base
-                    .map(|b| b.0)
-                    .unwrap_or_else(|| BlockMap::zeros(disk.size, item.block_size));
-                let dev = d.open_disk(&item.vm, disk.index, false)?;
-                pass(
-                    &run.ctx,
-                    PassSpec {
-                        src: dev.as_ref(),
-                        block_size: item.block_size,
-                        target: Arc::new(target),
-                        store: Some(store.clone()),
-                        hasher: store.hasher(),
-                        write: None,
-                        crosses_sites: true,
-                    },
-                )?
-                .map
-            };
-            self.save_map(&item.vm, Copy::Primary, disk.index, &map)?;
-            maps.push(map);
-            stamps.push(before);
+            let ks = known_source(run, vd, base.as_ref(), verify, &host.name);
+            let target = base
+                .clone()
+                .unwrap_or_else(|| BlockMap::zeros(disk.size, item.block_size));
+            let r = pass(
+                &run.ctx,
+                PassSpec {
+                    src: vd.dev.as_ref(),
+                    block_size: item.block_size,
+                    target: Arc::new(target),
+                    store: Some(store.clone()),
+                    hasher: store.hasher(),
+                    write: None,
+                    crosses_sites: true,
+                    known: ks,
+                },
+            )?;
+            if verify {
+                check_tracking(run, vd, base.as_ref(), &r.map, &host.name);
+            }
+            self.save_map(&item.vm, Copy::Primary, disk.index, &r.map)?;
+            maps.push(r.map);
         }
         extra.primary = Some(CopyState {
             host: host.name.clone(),
-            stamps,
+            marks: view.marks(),
         });
         extra.vm_spec = Some(VmSpec::like(&info).into());
         self.set_extra(&item.vm, &extra)?;
+        close_view(run, view);
         let point = self.record_point(
             &store,
             &item.vm,
@@ -725,7 +800,7 @@ impl Engine {
                             down = Some(Instant::now());
                         }
                         run.end_step();
-                        self.replicate_copy(&run, &item, &phost, "replicate final changes")?
+                        self.replicate_copy(&run, &item, &phost, "replicate final changes", false)?
                     }
                 };
                 let manifest = store.get_manifest(&point.manifest)?;
@@ -749,7 +824,6 @@ impl Engine {
                     "restore disks",
                     manifest.disks.iter().map(|d| d.data_bytes()).sum(),
                 );
-                let mut stamps = Vec::new();
                 for (i, m) in manifest.disks.iter().enumerate() {
                     let dev = rd.open_disk(vm, i as u32, true)?;
                     restore(
@@ -760,13 +834,14 @@ impl Engine {
                         &format!("point {}, disk {i}", point.id),
                     )?;
                     self.save_map(vm, Copy::Recovery, i as u32, m)?;
-                    stamps.push(rd.disk_stamp(vm, i as u32)?);
                 }
+                // Change tracking of the recovery copy starts now: its content is the point's.
+                let marks = rd.mark_disks(vm)?;
                 // The recovery VM is complete: a crash from here on resumes by starting it.
                 let mut ex = self.extra(vm)?;
                 ex.recovery = Some(CopyState {
                     host: rhost.name.clone(),
-                    stamps,
+                    marks,
                 });
                 self.set_extra(vm, &ex)?;
                 run.end_step();
@@ -999,7 +1074,6 @@ impl Engine {
                     create_vm: o.create_vm,
                     phase: 1,
                     rounds: 0,
-                    phase1_stamps: vec![],
                     full_reset: false,
                 };
                 let names: &[&str] = match sync {
@@ -1043,7 +1117,15 @@ impl Engine {
         let r = (|| -> Result<(Outcome, ())> {
             self.failback_prepare(&run, &item, &thost, td.as_ref(), &rinfo, &mut params)?;
             if sync == SyncMode::Delta && !in_phase2 {
-                self.failback_phase1(&run, &item, td.as_ref(), rd.as_ref(), &rinfo, &mut params)?;
+                self.failback_phase1(
+                    &run,
+                    &item,
+                    td.as_ref(),
+                    rd.as_ref(),
+                    &rinfo,
+                    &mut params,
+                    o.verify,
+                )?;
                 if !o.auto_complete {
                     return Ok((Outcome::Waiting, ()));
                 }
@@ -1165,35 +1247,37 @@ impl Engine {
             }
             extra.primary = Some(CopyState {
                 host: thost.name.clone(),
-                stamps: vec![None; rinfo.disks.len()],
+                marks: vec![None; rinfo.disks.len()],
             });
             self.set_extra(vm, &extra)?;
         }
         let tinfo = td
             .get_vm(vm)?
             .ok_or_else(|| anyhow!("VM {vm} vanished from host {}", thost.name))?;
-        // Know what the target disks hold: trusted maps, journals of an interrupted sync, or a scan.
+        // Know what the target disks hold: maps that change tracking proves current (re-reading
+        // only what changed), journals of an interrupted sync, or a scan.
         let known_host = extra.primary.as_ref().is_some_and(|p| p.host == thost.name);
-        let mut stamps = extra
+        let since = extra
             .primary
             .as_ref()
-            .map(|p| p.stamps.clone())
+            .filter(|_| known_host)
+            .map(|p| p.marks.clone())
             .unwrap_or_default();
-        stamps.resize(tinfo.disks.len(), None);
+        let full = params.sync == Some(SyncMode::Full) && !params.full_reset;
+        let view = if full {
+            None
+        } else {
+            Some(td.open_view(vm, &since)?)
+        };
         for d in &tinfo.disks {
             let inconsistent_by_us = !d.consistent && known_host;
             let map = if known_host {
                 self.load_map(vm, Copy::Primary, d.index)?
+                    .filter(|m| m.size == d.size && m.block_size == item.block_size)
             } else {
                 None
             };
-            let trusted = match (&map, stamps[d.index as usize], td.disk_stamp(vm, d.index)?) {
-                (Some(m), _, _) if m.size != d.size || m.block_size != item.block_size => false,
-                (Some(_), _, _) if inconsistent_by_us => true,
-                (Some(_), Some(old), Some(now)) => old.unchanged_in(&now),
-                _ => false,
-            };
-            if params.sync == Some(SyncMode::Full) && !params.full_reset {
+            if full {
                 // A full download rewrites every block: treat the target as unknown.
                 self.save_map(
                     vm,
@@ -1201,23 +1285,36 @@ impl Engine {
                     d.index,
                     &BlockMap::unknown(d.size, item.block_size),
                 )?;
-            } else if !trusted {
-                run.begin_step("prepare primary VM", d.size);
-                let dev = td.open_disk(vm, d.index, false)?;
-                let scanned = pass(
-                    &run.ctx,
-                    PassSpec {
-                        src: dev.as_ref(),
-                        block_size: item.block_size,
-                        target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
-                        store: None,
-                        hasher: self.item_hasher(&item.vm)?,
-                        write: None,
-                        crosses_sites: false,
-                    },
-                )?;
-                self.save_map(vm, Copy::Primary, d.index, &scanned.map)?;
+            } else if map.is_some() && inconsistent_by_us {
+                // An interrupted sync of ours: its journal keeps the map exact.
+            } else if let Some(view) = &view {
+                let vd = view_disk(view, d.index)?;
+                match known_source(run, vd, map.as_ref(), false, &thost.name) {
+                    Some(k) if k.changed.is_empty() => {}
+                    ks => {
+                        run.begin_step("prepare primary VM", d.size);
+                        let scanned = pass(
+                            &run.ctx,
+                            PassSpec {
+                                src: vd.dev.as_ref(),
+                                block_size: item.block_size,
+                                target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
+                                store: None,
+                                hasher: self.item_hasher(&item.vm)?,
+                                write: None,
+                                crosses_sites: false,
+                                known: ks,
+                            },
+                        )?;
+                        self.save_map(vm, Copy::Primary, d.index, &scanned.map)?;
+                    }
+                }
             }
+        }
+        if let Some(v) = view {
+            close_view(run, v);
+        }
+        for d in &tinfo.disks {
             td.set_disk_consistent(vm, d.index, false)?;
         }
         if params.sync == Some(SyncMode::Full) {
@@ -1225,7 +1322,7 @@ impl Engine {
         }
         extra.primary = Some(CopyState {
             host: thost.name.clone(),
-            stamps: vec![None; tinfo.disks.len()],
+            marks: vec![None; tinfo.disks.len()],
         });
         self.set_extra(vm, &extra)?;
         self.save_params(run, params)?;
@@ -1233,8 +1330,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Moves every differing block of the recovery disks to the target disks (journaled), and
-    /// returns the recovery disks' maps.
+    /// Moves every differing block of the recovery disks to the target disks (journaled),
+    /// reading from a point-in-time view of the recovery VM only what change tracking says
+    /// changed since the recovery copy's marks (everything with `verify` or when it cannot
+    /// tell). Saves the recovery maps and marks of the view's moment; returns the maps.
     #[allow(clippy::too_many_arguments)]
     fn sync_disks(
         &self,
@@ -1245,32 +1344,61 @@ impl Engine {
         td: &dyn Hypervisor,
         rd: &dyn Hypervisor,
         rinfo: &VmInfo,
+        verify: bool,
     ) -> Result<Vec<BlockMap>> {
+        let since = self
+            .extra(vm)?
+            .recovery
+            .filter(|r| r.host == rinfo.host)
+            .map(|r| r.marks)
+            .unwrap_or_default();
+        let view = rd.open_view(vm, &since)?;
         let mut maps = Vec::new();
         for d in &rinfo.disks {
+            let vd = view_disk(&view, d.index)?;
+            let base = self
+                .load_map(vm, Copy::Recovery, d.index)?
+                .filter(|m| m.size == d.size && m.block_size == block_size);
+            let ks = known_source(run, vd, base.as_ref(), verify, &rinfo.host);
             let target = self
                 .load_map(vm, Copy::Primary, d.index)?
                 .unwrap_or_else(|| BlockMap::unknown(d.size, block_size));
-            let src = rd.open_disk(vm, d.index, false)?;
             let dst = td.open_disk(vm, d.index, true)?;
             let mut journal = MapJournal::open(&self.journal_path(vm, Copy::Primary, d.index))?;
             let r = pass(
                 &run.ctx,
                 PassSpec {
-                    src: src.as_ref(),
+                    src: vd.dev.as_ref(),
                     block_size,
                     target: Arc::new(target),
                     store: Some(store.clone()),
                     hasher: store.hasher(),
                     write: Some((dst.as_ref(), &mut journal)),
                     crosses_sites: true,
+                    known: ks,
                 },
             )?;
+            if verify {
+                check_tracking(run, vd, base.as_ref(), &r.map, &rinfo.host);
+            }
             maps.push(r.map);
         }
+        // Maps first, then marks: a crash in between leaves older marks, whose changes
+        // include everything since the new maps.
+        for (i, m) in maps.iter().enumerate() {
+            self.save_map(vm, Copy::Recovery, i as u32, m)?;
+        }
+        let mut ex = self.extra(vm)?;
+        ex.recovery = Some(CopyState {
+            host: rinfo.host.clone(),
+            marks: view.marks(),
+        });
+        self.set_extra(vm, &ex)?;
+        close_view(run, view);
         Ok(maps)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn failback_phase1(
         &self,
         run: &JobRun,
@@ -1279,21 +1407,13 @@ impl Engine {
         rd: &dyn Hypervisor,
         rinfo: &VmInfo,
         params: &mut FailbackParams,
+        verify: bool,
     ) -> Result<()> {
         let vm = &item.vm;
         let store = self.item_store(item)?;
         let total: u64 = rinfo.disks.iter().map(|d| d.size).sum();
         run.begin_step("sync disks (phase 1)", total);
-        let stamps = rinfo
-            .disks
-            .iter()
-            .map(|d| rd.disk_stamp(vm, d.index))
-            .collect::<Result<Vec<_>, _>>()?;
-        let maps = self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo)?;
-        for (i, m) in maps.iter().enumerate() {
-            self.save_map(vm, Copy::Recovery, i as u32, m)?;
-        }
-        params.phase1_stamps = stamps;
+        self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo, verify)?;
         params.rounds += 1;
         self.save_params(run, params)?;
         run.end_step();
@@ -1327,31 +1447,9 @@ impl Engine {
         } else {
             "sync final changes (phase 2)"
         };
-        // After phase 1, a recovery disk untouched since its round started needs no second read.
-        let mut maps: Vec<BlockMap> = Vec::new();
-        let mut untouched = params.sync != Some(SyncMode::Full);
-        for d in &rinfo.disks {
-            let old = params
-                .phase1_stamps
-                .get(d.index as usize)
-                .copied()
-                .flatten();
-            let now = rd.disk_stamp(vm, d.index)?;
-            let m = self.load_map(vm, Copy::Recovery, d.index)?;
-            let p = self.load_map(vm, Copy::Primary, d.index)?;
-            match (old, now, m, p) {
-                (Some(o), Some(n), Some(m), Some(p)) if o.unchanged_in(&n) && m == p => {
-                    maps.push(m)
-                }
-                _ => untouched = false,
-            }
-        }
-        if untouched {
-            run.begin_step(step, 0);
-        } else {
-            run.begin_step(step, rinfo.disks.iter().map(|d| d.size).sum());
-            maps = self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo)?;
-        }
+        // After phase 1, change tracking leaves only the final delta to read.
+        run.begin_step(step, rinfo.disks.iter().map(|d| d.size).sum());
+        let maps = self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo, verify)?;
         run.end_step();
         // The failback point: what the primary now holds, complete in the store so reverse
         // replication sends only later changes.
@@ -1369,6 +1467,7 @@ impl Engine {
                         hasher: self.item_hasher(&item.vm)?,
                         write: None,
                         crosses_sites: false,
+                        known: None,
                     },
                 )?;
                 if check.blocks_moved > 0 {
@@ -1388,13 +1487,12 @@ impl Engine {
             },
             PointKind::Failback,
         )?;
-        let stamps = (0..maps.len() as u32)
-            .map(|i| td.disk_stamp(vm, i))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Change tracking of the primary starts now: its content is the failback point's.
+        let marks = td.mark_disks(vm)?;
         let mut extra = self.extra(vm)?;
         extra.primary = Some(CopyState {
             host: thost.name.clone(),
-            stamps,
+            marks,
         });
         self.set_extra(vm, &extra)?;
         let mut it = self.item(vm)?;
@@ -1477,70 +1575,88 @@ impl Engine {
             ended_at: None,
             error: None,
             downtime_ms: None,
+            notes: vec![],
         };
         let run = JobRun::start(self.home.clone(), fake, ctx, None);
         let extra = self.extra(vm)?;
         let td = self.driver(thost)?;
         let rd = self.driver(&self.host(&rinfo.host)?)?;
         let known_host = extra.primary.as_ref().is_some_and(|p| p.host == thost.name);
+        let tsince = extra
+            .primary
+            .as_ref()
+            .filter(|_| known_host)
+            .map(|p| p.marks.clone())
+            .unwrap_or_default();
+        let tview = match tinfo {
+            Some(_) => Some(td.open_view(vm, &tsince)?),
+            None => None,
+        };
+        let rsince = extra
+            .recovery
+            .as_ref()
+            .filter(|r| r.host == rinfo.host)
+            .map(|r| r.marks.clone())
+            .unwrap_or_default();
+        let rview = rd.open_view(vm, &rsince)?;
         let mut disks = Vec::new();
         for d in &rinfo.disks {
-            let target = match tinfo {
-                None => BlockMap::zeros(d.size, item.block_size),
-                Some(t) => {
+            let target = match (tinfo, &tview) {
+                (Some(t), Some(tview)) => {
                     let map = if known_host {
                         self.load_map(vm, Copy::Primary, d.index)?
+                            .filter(|m| m.size == d.size && m.block_size == item.block_size)
                     } else {
                         None
                     };
-                    let stamp = extra
-                        .primary
-                        .as_ref()
-                        .and_then(|p| p.stamps.get(d.index as usize).copied().flatten());
                     let disk_consistent =
                         t.disks.get(d.index as usize).is_some_and(|x| x.consistent);
-                    let trusted = match (&map, stamp, td.disk_stamp(vm, d.index)?) {
-                        (Some(_), _, _) if !disk_consistent && known_host => true,
-                        (Some(_), Some(o), Some(n)) => o.unchanged_in(&n),
-                        _ => false,
-                    };
+                    let vd = view_disk(tview, d.index)?;
                     match map {
-                        Some(m) if trusted && m.size == d.size => m,
-                        _ => {
-                            let dev = td.open_disk(vm, d.index, false)?;
+                        Some(m) if !disk_consistent && known_host => m,
+                        Some(m) if vd.changes == Changes::Ranges(vec![]) => m,
+                        map => {
+                            let ks = known_source(&run, vd, map.as_ref(), false, &thost.name);
                             pass(
                                 &run.ctx,
                                 PassSpec {
-                                    src: dev.as_ref(),
+                                    src: vd.dev.as_ref(),
                                     block_size: item.block_size,
                                     target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
                                     store: None,
                                     hasher: self.item_hasher(&item.vm)?,
                                     write: None,
                                     crosses_sites: false,
+                                    known: ks,
                                 },
                             )?
                             .map
                         }
                     }
                 }
+                _ => BlockMap::zeros(d.size, item.block_size),
             };
             let target = if sync == SyncMode::Full {
                 BlockMap::unknown(d.size, item.block_size)
             } else {
                 target
             };
-            let dev = rd.open_disk(vm, d.index, false)?;
+            let vd = view_disk(&rview, d.index)?;
+            let base = self
+                .load_map(vm, Copy::Recovery, d.index)?
+                .filter(|m| m.size == d.size && m.block_size == item.block_size);
+            let ks = known_source(&run, vd, base.as_ref(), false, &rinfo.host);
             let r = pass(
                 &run.ctx,
                 PassSpec {
-                    src: dev.as_ref(),
+                    src: vd.dev.as_ref(),
                     block_size: item.block_size,
                     target: Arc::new(target),
                     store: None,
                     hasher: self.item_hasher(&item.vm)?,
                     write: None,
                     crosses_sites: false,
+                    known: ks,
                 },
             )?;
             disks.push(DryRunDisk {

@@ -179,7 +179,7 @@ pub struct VmInfo {
 
 /// What ferry keeps to learn later which parts of a disk changed since a moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ChangeMark {
     /// A change stamp of the disk file (`dir` driver): an equal stamp later proves no write.
     Stamp {

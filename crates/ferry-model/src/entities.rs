@@ -290,6 +290,10 @@ pub struct Job {
     /// Downtime of the workload in milliseconds (failback phase 2, failover).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// What the job wants the user to know (e.g. change tracking could not be trusted and
+    /// a disk was hash-scanned instead).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Formats Unix seconds as an RFC 3339 UTC timestamp (`2026-11-26T11:25:18Z`).

@@ -42,6 +42,8 @@ const MIGRATIONS: &[&str] = &[
                          message TEXT NOT NULL);",
     // 2: recovery plans
     "CREATE TABLE plans(name TEXT PRIMARY KEY, groups TEXT NOT NULL);",
+    // 3: job notes
+    "ALTER TABLE jobs ADD COLUMN notes TEXT NOT NULL DEFAULT '[]';",
 ];
 
 /// Errors of the vault.
@@ -101,7 +103,7 @@ fn json<T: serde::de::DeserializeOwned>(s: String) -> rusqlite::Result<T> {
     })
 }
 
-const JOB_COLS: &str = "id, kind, vm, state, steps, bytes_read, bytes_transferred, bytes_written, started_at, ended_at, error, downtime_ms";
+const JOB_COLS: &str = "id, kind, vm, state, steps, bytes_read, bytes_transferred, bytes_written, started_at, ended_at, error, downtime_ms, notes";
 const ITEM_COLS: &str = "vm, primary_host, recovery_site, recovery_host, state, block_size, rpo_secs, retention_secs, job, failed_over_at";
 
 fn job_row(r: &Row) -> rusqlite::Result<Job> {
@@ -118,6 +120,7 @@ fn job_row(r: &Row) -> rusqlite::Result<Job> {
         ended_at: r.get(9)?,
         error: r.get(10)?,
         downtime_ms: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
+        notes: json(r.get(12)?)?,
     })
 }
 
@@ -546,14 +549,15 @@ impl Vault {
     /// Persists a job's progress (steps and byte counters).
     pub fn save_progress(&self, job: &Job) -> Result<()> {
         self.conn.execute(
-            "UPDATE jobs SET steps=?2, bytes_read=?3, bytes_transferred=?4, bytes_written=?5, downtime_ms=?6 WHERE id=?1",
+            "UPDATE jobs SET steps=?2, bytes_read=?3, bytes_transferred=?4, bytes_written=?5, downtime_ms=?6, notes=?7 WHERE id=?1",
             params![
                 job.id,
                 serde_json::to_string(&job.steps).unwrap(),
                 job.bytes_read as i64,
                 job.bytes_transferred as i64,
                 job.bytes_written as i64,
-                job.downtime_ms.map(|v| v as i64)
+                job.downtime_ms.map(|v| v as i64),
+                serde_json::to_string(&job.notes).unwrap()
             ],
         )?;
         Ok(())
