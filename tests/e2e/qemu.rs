@@ -304,10 +304,30 @@ fn qemu_at_both_sites_whole_lifecycle() {
         "sparse ranges are not read: {job}"
     );
 
-    // ---- guest writes, replicate
+    // ---- guest writes, replicate: the dirty bitmap leaves exactly the written MiB to read
     q.guest("web1", "h1", 0, "write -P 0xcd 10M 1M");
     let job = q.json(&["replicate", "web1"]);
     assert_job_state(&job, "succeeded");
+    assert_eq!(
+        job_u64(&job, "bytes_read"),
+        MIB,
+        "change-tracked replication reads only what the guest wrote: {job}"
+    );
+    assert!(job.get("notes").is_none(), "tracking was trusted: {job}");
+    // --verify reads every block and confirms what tracking reported.
+    q.guest("web1", "h1", 0, "write -P 0xce 12M 64k");
+    let job = q.json(&["replicate", "web1", "--verify"]);
+    assert_job_state(&job, "succeeded");
+    assert!(
+        job_u64(&job, "bytes_read") >= 3 * MIB,
+        "every allocated block: {job}"
+    );
+    assert!(
+        job["notes"]
+            .to_string()
+            .contains("agrees with change tracking"),
+        "{job}"
+    );
 
     // ---- planned failover: the primary QEMU stops, the recovery QEMU starts
     let job = q.json(&["failover", "web1", "--planned"]);
@@ -360,6 +380,12 @@ fn qemu_at_both_sites_whole_lifecycle() {
     );
     assert_job_shape(&p1);
     assert_job_state(&p1, "waiting");
+    // Phase 1 reads what the recovery guest wrote since failover (at most ~7 MiB with the
+    // concurrent writer), not the 32 MiB disk; the stopped primary is not read at all.
+    assert!(
+        job_u64(&p1, "bytes_read") <= 8 * MIB,
+        "phase 1 follows the dirty bitmap: {p1}"
+    );
     f.assert_state("web1", "failback_ready");
     assert_eq!(f.power("web1", Some("r1")), "running");
     assert_eq!(f.power("web1", Some("h1")), "stopped");
@@ -376,6 +402,15 @@ fn qemu_at_both_sites_whole_lifecycle() {
     );
     assert_job_state(&p2, "succeeded");
     assert_eq!(job_id(&p2), job_id(&p1));
+    // Phase 2 reads the final delta only (1 MiB + 64 KiB, plus what the writer added after
+    // phase 1's snapshot, all inside 24..28 MiB).
+    let p2_read = job_u64(&p2, "bytes_read") - job_u64(&p1, "bytes_read");
+    assert!(p2_read <= 6 * MIB, "phase 2 read {p2_read} bytes: {p2}");
+    assert!(
+        p2_read >= MIB + 64 * KIB,
+        "phase 2 read {p2_read} bytes: {p2}"
+    );
+    assert!(p2.get("notes").is_none(), "tracking was trusted: {p2}");
     f.assert_state("web1", "failback_commit_pending");
     assert_eq!(f.power("web1", Some("h1")), "running");
     assert_eq!(f.power("web1", Some("r1")), "stopped");
@@ -409,6 +444,11 @@ fn qemu_at_both_sites_whole_lifecycle() {
     let job = q.json(&["reverse-replicate", "web1"]);
     assert_job_state(&job, "succeeded");
     f.assert_state("web1", "protected");
+    assert_eq!(
+        job_u64(&job, "bytes_read"),
+        MIB,
+        "reverse replication reads only what changed since the failback: {job}"
+    );
 
     q.ok(&["vm", "stop", "web1"]);
     let left = q.leftovers();
@@ -517,6 +557,159 @@ fn a_killed_qemu_is_reported_stopped_and_starts_again() {
     q.guest("db", "h1", 0, "read -P 0x99 1M 1M");
     q.ok(&["vm", "stop", "db"]);
     assert_eq!(f.power("db", None), "stopped");
+    let left = q.leftovers();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
+/// Names of ferry's tracking bitmaps on `disk0` of the running copy of `vm` on `host`.
+fn tracking_bitmaps(q: &QemuFerry, vm: &str, host: &str) -> Vec<String> {
+    let v = q.f.vm_show(vm, Some(host));
+    let mut qmp = Qmp::connect(v["qmp"].as_str().unwrap()).unwrap();
+    let nodes = qmp
+        .execute(
+            "query-named-block-nodes",
+            Some(serde_json::json!({"flat": true})),
+        )
+        .unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["node-name"] == "disk0")
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["name"].as_str().map(str::to_string))
+        .filter(|n| n.starts_with("ferry-"))
+        .collect()
+}
+
+/// Protects a 32 MiB qemu VM `db` (qemu at both sites), fails it over planned and commits;
+/// the recovery guest then writes 0x77 at 8 MiB (2 MiB).
+fn failed_over_qemu_vm(q: &QemuFerry) {
+    q.setup("qemu", "qemu");
+    q.json(&[
+        "vm", "create", "db", "--host", "h1", "--disk", "32MiB", "--memory", "64MiB",
+    ]);
+    q.ok(&["vm", "start", "db"]);
+    q.guest("db", "h1", 0, "write -P 0x5a 1M 4M");
+    assert_job_state(&q.json(&["protect", "db", "--to", "dr"]), "succeeded");
+    assert_job_state(&q.json(&["failover", "db", "--planned"]), "succeeded");
+    assert_job_state(&q.json(&["commit", "db"]), "succeeded");
+    q.guest("db", "r1", 0, "write -P 0x77 8M 2M");
+}
+
+/// Both copies of `db` hold the same bytes (primary stopped for the comparison).
+fn assert_copies_equal(q: &QemuFerry) {
+    let prim = disk0(&q.f.vm_show("db", Some("h1")));
+    let rec = disk0(&q.f.vm_show("db", Some("r1")));
+    q.ok(&["vm", "stop", "db", "--host", "h1"]);
+    assert_same_content(&prim, "qcow2", &rec, "qcow2");
+}
+
+#[test]
+fn a_lost_dirty_bitmap_falls_back_to_a_hash_scan() {
+    let Some(q) = QemuFerry::new("a_lost_dirty_bitmap_falls_back_to_a_hash_scan") else {
+        return;
+    };
+    failed_over_qemu_vm(&q);
+    // Someone removes ferry's bitmaps from the running recovery VM.
+    let names = tracking_bitmaps(&q, "db", "r1");
+    assert!(
+        !names.is_empty(),
+        "failover started tracking on the recovery VM"
+    );
+    let v = q.f.vm_show("db", Some("r1"));
+    {
+        let mut qmp = Qmp::connect(v["qmp"].as_str().unwrap()).unwrap();
+        for n in &names {
+            qmp.execute(
+                "block-dirty-bitmap-remove",
+                Some(serde_json::json!({"node": "disk0", "name": n})),
+            )
+            .unwrap();
+        }
+    }
+    q.guest("db", "r1", 0, "write -P 0x78 20M 1M");
+    let p1 = q.json(&["failback", "db"]);
+    assert_job_state(&p1, "waiting");
+    let notes = p1["notes"].to_string();
+    assert!(
+        notes.contains("change tracking cannot be trusted") && notes.contains("missing"),
+        "the job says tracking was lost: {p1}"
+    );
+    // Every allocated block (4 + 2 + 1 MiB) was read, not just the 3 MiB written since.
+    assert!(
+        job_u64(&p1, "bytes_read") >= 7 * MIB,
+        "the whole recovery disk was scanned: {p1}"
+    );
+    // Tracking restarted with phase 1: phase 2 is exact again.
+    q.guest("db", "r1", 0, "write -P 0x79 30M 64k");
+    let p2 = q.json(&["complete", "db"]);
+    assert_job_state(&p2, "succeeded");
+    let p2_read = job_u64(&p2, "bytes_read") - job_u64(&p1, "bytes_read");
+    assert_eq!(p2_read, 64 * KIB, "phase 2 reads the final delta: {p2}");
+    assert_copies_equal(&q);
+    assert_image_reads(
+        &disk0(&q.f.vm_show("db", Some("h1"))),
+        "qcow2",
+        "read -P 0x78 20M 1M",
+    );
+    let left = q.leftovers();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
+#[test]
+fn killing_the_recovery_qemu_mid_failback_then_rerunning_ends_bit_identical() {
+    let Some(q) =
+        QemuFerry::new("killing_the_recovery_qemu_mid_failback_then_rerunning_ends_bit_identical")
+    else {
+        return;
+    };
+    failed_over_qemu_vm(&q);
+    // 16 MiB of incompressible guest data (more than the pipeline reads ahead), so a
+    // bandwidth cap keeps phase 1 reading from the recovery VM for seconds.
+    let random = q.f.home().join("random.bin");
+    std::fs::write(&random, random_bytes(16 * MIB as usize, 42)).unwrap();
+    q.guest(
+        "db",
+        "r1",
+        0,
+        &format!("write -s {} 12M 16M", random.display()),
+    );
+    // Phase 1 slowed to ~2 MiB/s so the kill lands in the middle of it.
+    let child = q
+        .command(&["--json", "failback", "db", "--bandwidth", "2MiB/s"])
+        .spawn()
+        .expect("spawn ferry failback");
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = q.qemu_pid("db", "r1");
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let out = wait_output(
+        child,
+        CMD_TIMEOUT,
+        "ferry failback db (recovery QEMU killed)",
+    );
+    assert_ne!(out.status.code(), Some(0), "the failback noticed: {out:?}");
+    let t = Instant::now();
+    while q.f.power("db", Some("r1")) != "stopped" {
+        assert!(
+            t.elapsed() < POLL_TIMEOUT,
+            "a killed QEMU still shows as running"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The re-run continues the same job; the killed QEMU never saved its bitmap, so ferry
+    // says so and reads every block.
+    let p = q.json(&["failback", "db", "--auto-complete"]);
+    assert_job_state(&p, "succeeded");
+    let notes = p["notes"].to_string();
+    assert!(
+        notes.contains("inconsistent"),
+        "the job says the bitmap of the killed QEMU was not trusted: {p}"
+    );
+    q.f.assert_state("db", "failback_commit_pending");
+    assert_copies_equal(&q);
     let left = q.leftovers();
     assert!(left.is_empty(), "processes left running: {left:?}");
 }

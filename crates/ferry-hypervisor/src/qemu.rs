@@ -453,6 +453,7 @@ impl QemuDriver {
     /// a dead QEMU and checks its disks; refuses while another ferry process has a disk open.
     fn prepare_stopped_images(&self, vm: &VmFile, p: &VmPaths, action: &str) -> Result<()> {
         self.clean_after_exit(p, true);
+        track::remove_stale_overlay_files(p);
         let busy = self.reap_stale_nbd(p);
         if let Some(owner) = busy.first() {
             return Err(self.process(

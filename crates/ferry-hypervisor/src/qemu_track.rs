@@ -730,7 +730,7 @@ fn wait_job_gone(q: &mut Qmp, id: &str) {
 }
 
 /// Removes overlay files `fv<pid>x…qcow2` of ferry processes that are gone.
-fn remove_stale_overlay_files(p: &VmPaths) {
+pub(super) fn remove_stale_overlay_files(p: &VmPaths) {
     let Ok(entries) = std::fs::read_dir(&p.dir) else {
         return;
     };
