@@ -333,6 +333,10 @@ pub enum Cmd {
         /// Size of the demo VM's first disk (the second is a quarter of it)
         #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
         disk_size: u64,
+        /// Hypervisor driver of both hosts: `dir` (built in) or `qemu` (real QEMU VMs, with
+        /// change tracking by dirty bitmaps; needs QEMU installed)
+        #[arg(long, default_value = "dir")]
+        driver: String,
     },
 }
 
@@ -442,6 +446,10 @@ pub enum HostCmd {
         /// A virtual switch on the host (repeat for several)
         #[arg(long = "switch")]
         switches: Vec<String>,
+        /// qemu driver: accelerator of the host's VMs — kvm, tcg, or auto (KVM when /dev/kvm
+        /// works, else TCG; the default). The environment variable FERRY_QEMU_ACCEL overrides it.
+        #[arg(long, value_parser = ["kvm", "tcg", "auto"])]
+        accel: Option<String>,
     },
     /// List hosts.
     List,
@@ -585,7 +593,11 @@ fn host_json(e: &Engine, h: &ferry_model::Host) -> serde_json::Value {
         .driver(h)
         .map(|d| d.check_connected().is_ok())
         .unwrap_or(false);
-    json!({"name": h.name, "site": h.site, "driver": h.driver.as_str(), "root": h.root, "switches": h.switches, "connected": connected})
+    let mut v = json!({"name": h.name, "site": h.site, "driver": h.driver.as_str(), "root": h.root, "switches": h.switches, "connected": connected});
+    if h.driver == DriverKind::Qemu {
+        v["accel"] = json!(h.accel.as_deref().unwrap_or("auto"));
+    }
+    v
 }
 
 /// Runs a parsed command line.
@@ -631,10 +643,11 @@ pub fn run(cli: Cli) -> Result<()> {
             driver,
             root,
             switches,
+            accel,
         }) => {
             let e = open(&cli)?;
             let d: DriverKind = driver.parse().map_err(anyhow::Error::msg)?;
-            let h = e.add_host(name, site, d, root.clone(), switches.clone())?;
+            let h = e.add_host(name, site, d, root.clone(), switches.clone(), accel.clone())?;
             if j {
                 output::json(&host_json(&e, &h))
             } else {
@@ -1020,7 +1033,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Demo { dir, disk_size } => crate::demo::run(dir.clone(), *disk_size, j)?,
+        Cmd::Demo {
+            dir,
+            disk_size,
+            driver,
+        } => {
+            let d: DriverKind = driver.parse().map_err(anyhow::Error::msg)?;
+            crate::demo::run(dir.clone(), *disk_size, d, j)?
+        }
         Cmd::Plan(p) => run_plan(&cli, p)?,
     }
     Ok(())

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ferry_engine::{Engine, FailbackOpts, FailoverMode, RunOpts};
+use ferry_hypervisor::{qmp::Qmp, Power};
 use ferry_model::{format_bytes, DriverKind, Job, SiteRole};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::json;
@@ -13,14 +14,9 @@ use crate::output;
 
 const VM: &str = "app1";
 
-/// Writes `fraction` of the 64 KiB blocks of a disk as a guest would: text-like, binary and
-/// zeroed blocks, deterministic from `seed`.
-fn guest_writes(path: &Path, fraction: f64, seed: u64) -> Result<u64> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let size = f.metadata()?.len();
+/// The blocks a guest writes: `fraction` of the 64 KiB blocks of a disk of `size` bytes,
+/// text-like, binary and zeroed, deterministic from `seed`.
+fn guest_blocks(size: u64, fraction: f64, seed: u64) -> Vec<(u64, Vec<u8>)> {
     let bs = 65536u64;
     let blocks = size.div_ceil(bs);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -36,11 +32,11 @@ fn guest_writes(path: &Path, fraction: f64, seed: u64) -> Result<u64> {
         b"INFO ",
         b"commit\n",
     ];
-    let mut written = 0;
-    let mut buf = vec![0u8; bs as usize];
+    let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let b = rng.gen_range(0..blocks);
         let len = (size - b * bs).min(bs) as usize;
+        let mut buf = vec![0u8; len];
         match rng.gen_range(0..10) {
             0..=4 => {
                 let mut p = 0;
@@ -51,40 +47,126 @@ fn guest_writes(path: &Path, fraction: f64, seed: u64) -> Result<u64> {
                     p += k;
                 }
             }
-            5..=8 => rng.fill_bytes(&mut buf[..len]),
-            _ => buf[..len].fill(0),
+            5..=8 => rng.fill_bytes(&mut buf),
+            _ => {}
         }
-        f.write_all_at(&buf[..len], b * bs)?;
-        written += len as u64;
+        out.push((b * bs, buf));
     }
-    f.sync_all()?;
+    out
+}
+
+/// Writes `fraction` of the blocks of every disk of the active copy of the VM as its guest
+/// would: into the disk file (`dir` driver), through QEMU's block layer with `qemu-io` over
+/// QMP (running `qemu` VM), or through the driver (stopped `qemu` VM). Returns bytes written.
+fn guest_writes(
+    e: &Engine,
+    host: Option<&str>,
+    scratch: &Path,
+    fraction: f64,
+    seed: u64,
+) -> Result<u64> {
+    let (h, info) = e.locate_vm(VM, host)?;
+    let mut written = 0;
+    for d in &info.disks {
+        let blocks = guest_blocks(d.size, fraction, seed + d.index as u64);
+        written += blocks.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+        match (h.driver, info.power) {
+            (DriverKind::Dir, _) => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&d.path)
+                    .with_context(|| format!("opening {}", d.path.display()))?;
+                for (off, buf) in &blocks {
+                    f.write_all_at(buf, *off)?;
+                }
+                f.sync_all()?;
+            }
+            (DriverKind::Qemu, Power::Running) => {
+                let qmp = info
+                    .qmp
+                    .as_ref()
+                    .context("a running QEMU VM has a QMP socket")?;
+                let mut q = Qmp::connect(qmp)?;
+                let dev = d.device.as_deref().context("a QEMU disk has a device id")?;
+                let src = scratch.join("guest-block.bin");
+                for (off, buf) in &blocks {
+                    let cmd = if buf.iter().all(|&x| x == 0) {
+                        format!("write -z {off} {}", buf.len())
+                    } else {
+                        std::fs::write(&src, buf)?;
+                        format!("write -s {} {off} {}", src.display(), buf.len())
+                    };
+                    let out = q.human_monitor_command(&format!(
+                        "qemu-io -d {dev}/virtio-backend \"{cmd}\""
+                    ))?;
+                    if !out.is_empty() {
+                        bail!("the guest's write failed: {}", out.trim());
+                    }
+                }
+                let _ = std::fs::remove_file(&src);
+            }
+            (DriverKind::Qemu, Power::Stopped) => {
+                let dev = e.driver(&h)?.open_disk(VM, d.index, true)?;
+                for (off, buf) in &blocks {
+                    if buf.iter().all(|&x| x == 0) {
+                        dev.write_zeroes(*off, buf.len() as u64)?;
+                    } else {
+                        dev.write_at(*off, buf)?;
+                    }
+                }
+                dev.flush()?;
+            }
+        }
+    }
     Ok(written)
 }
 
-fn disk_paths(e: &Engine, host: Option<&str>) -> Result<Vec<PathBuf>> {
-    let (_, info) = e.locate_vm(VM, host)?;
-    Ok(info.disks.into_iter().map(|d| d.path).collect())
-}
-
-fn identical(a: &Path, b: &Path) -> Result<bool> {
-    let (fa, fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
-    let (la, lb) = (fa.metadata()?.len(), fb.metadata()?.len());
-    if la != lb {
+/// True when every disk of the copies on hosts `a` and `b` holds the same bytes (read through
+/// the drivers, so any disk format compares).
+fn identical(e: &Engine, a: &str, b: &str) -> Result<bool> {
+    let (ha, ia) = e.locate_vm(VM, Some(a))?;
+    let (hb, ib) = e.locate_vm(VM, Some(b))?;
+    if ia.disks.len() != ib.disks.len() {
         return Ok(false);
     }
-    let mut ba = vec![0u8; 4 << 20];
-    let mut bb = vec![0u8; 4 << 20];
-    let mut off = 0;
-    while off < la {
-        let n = (la - off).min(ba.len() as u64) as usize;
-        fa.read_exact_at(&mut ba[..n], off)?;
-        fb.read_exact_at(&mut bb[..n], off)?;
-        if ba[..n] != bb[..n] {
+    let (da, db) = (e.driver(&ha)?, e.driver(&hb)?);
+    for (x, y) in ia.disks.iter().zip(&ib.disks) {
+        if x.size != y.size {
             return Ok(false);
         }
-        off += n as u64;
+        let fa = da.open_disk(VM, x.index, false)?;
+        let fb = db.open_disk(VM, y.index, false)?;
+        let mut ba = vec![0u8; 4 << 20];
+        let mut bb = vec![0u8; 4 << 20];
+        let mut off = 0;
+        while off < x.size {
+            let n = (x.size - off).min(ba.len() as u64) as usize;
+            fa.read_at(off, &mut ba[..n])?;
+            fb.read_at(off, &mut bb[..n])?;
+            if ba[..n] != bb[..n] {
+                return Ok(false);
+            }
+            off += n as u64;
+        }
     }
     Ok(true)
+}
+
+/// Stops the demo VM on both hosts when dropped (no QEMU outlives the demo).
+struct StopVms<'a>(&'a Engine);
+
+impl Drop for StopVms<'_> {
+    fn drop(&mut self) {
+        for h in ["hv1", "dr1"] {
+            let Ok(host) = self.0.host(h) else { continue };
+            let Ok(d) = self.0.driver(&host) else {
+                continue;
+            };
+            if d.get_vm(VM).ok().flatten().is_some() {
+                let _ = d.stop_vm(VM);
+            }
+        }
+    }
 }
 
 struct Row {
@@ -94,9 +176,12 @@ struct Row {
 }
 
 /// Runs the demo.
-pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
+pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bool) -> Result<()> {
     if disk_size < 1 << 20 {
         bail!("--disk-size must be at least 1MiB");
+    }
+    if driver == DriverKind::Qemu && !ferry_hypervisor::QemuDriver::available() {
+        bail!("`ferry demo --driver qemu` needs QEMU (qemu-system-x86_64, qemu-img, qemu-nbd); install it (from ferry's source tree: `scripts/install-deps.sh`) or run `ferry demo` on the built-in dir driver");
     }
     let _tmp;
     let keep = dir.is_some();
@@ -133,17 +218,22 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
     e.add_host(
         "hv1",
         "onprem",
-        DriverKind::Dir,
+        driver,
         None,
         vec!["lan".into(), "dmz".into()],
+        None,
     )?;
     e.add_host(
         "dr1",
         "cloud",
-        DriverKind::Dir,
+        driver,
         None,
         vec!["lan".into(), "dmz".into()],
+        None,
     )?;
+    // No QEMU outlives the demo (the dir driver's "running" is only a flag).
+    let _stop = (driver == DriverKind::Qemu).then_some(StopVms(&e));
+    let scratch = dir.clone();
     let h = e.host("hv1")?;
     let d = e.driver(&h)?;
     d.create_vm(&ferry_hypervisor::VmSpec {
@@ -154,13 +244,12 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
         nics: vec!["lan".into(), "dmz".into()],
     })?;
     say(&format!(
-        "VM {VM} on hv1: disks of {} and {}; writing realistic content",
+        "VM {VM} on hv1 ({} driver): disks of {} and {}; writing realistic content",
+        driver.as_str(),
         format_bytes(disk_size),
         format_bytes((disk_size / 4).max(1 << 20) + 12345)
     ));
-    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
-        guest_writes(p, 0.7, 1 + i as u64)?;
-    }
+    guest_writes(&e, None, &scratch, 0.7, 1)?;
     d.start_vm(VM)?;
     let opts = RunOpts::default();
     let mut rows: Vec<Row> = Vec::new();
@@ -194,9 +283,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
             )
         },
     )?;
-    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
-        guest_writes(p, 0.02, 10 + i as u64)?;
-    }
+    guest_writes(&e, None, &scratch, 0.02, 10)?;
     timed("replicate (2% of blocks changed)", &mut || {
         e.replicate(VM, opts, false)
     })?;
@@ -204,12 +291,8 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
         e.failover(VM, FailoverMode::Planned, None, None, opts)
     })?;
     timed("commit failover", &mut || e.commit(VM))?;
-    say("the VM runs in the cloud for a while: 5% of its blocks change, one block is zeroed");
-    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
-        guest_writes(p, 0.05, 20 + i as u64)?;
-        let f = std::fs::OpenOptions::new().write(true).open(p)?;
-        f.write_all_at(&[0u8; 65536], 0)?;
-    }
+    say("the VM runs in the cloud for a while: 5% of its blocks change, some are zeroed");
+    guest_writes(&e, None, &scratch, 0.05, 20)?;
     let rec = e
         .failback(
             VM,
@@ -243,19 +326,12 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
         },
     )?;
     say("more guest writes between phase 1 and complete (0.5%)");
-    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
-        guest_writes(p, 0.005, 30 + i as u64)?;
-    }
-    let recovery = disk_paths(&e, None)?;
+    guest_writes(&e, None, &scratch, 0.005, 30)?;
     timed(
         "complete: phase 2 (stop recovery VM, last delta, start primary)",
         &mut || e.complete(VM, opts, false),
     )?;
-    let primary = disk_paths(&e, Some("hv1"))?;
-    let mut same = true;
-    for (a, b) in recovery.iter().zip(&primary) {
-        same &= identical(a, b)?;
-    }
+    let same = identical(&e, "hv1", "dr1")?;
     if !same {
         bail!("the primary disks differ from the recovery disks after the failback — this is a bug, please report it");
     }
@@ -263,9 +339,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
     timed("commit failback (recovery VM deleted)", &mut || {
         e.commit(VM)
     })?;
-    for (i, p) in disk_paths(&e, None)?.iter().enumerate() {
-        guest_writes(p, 0.01, 40 + i as u64)?;
-    }
+    guest_writes(&e, None, &scratch, 0.01, 40)?;
     timed("reverse replicate (1% changed since failback)", &mut || {
         e.reverse_replicate(VM, opts, false)
     })?;
@@ -302,6 +376,9 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, as_json: bool) -> Result<()> {
             "{VM} is {} again, active at the {} site; primary disks verified bit-identical.",
             state.state, state.active_site
         );
+        if driver == DriverKind::Qemu {
+            println!("(its QEMU process is stopped now; `ferry vm start {VM}` runs it again)");
+        }
         if keep {
             println!(
                 "Explore it: ferry --home {} status {VM}   (or `jobs --all`, `points {VM}`)",

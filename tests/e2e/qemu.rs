@@ -93,10 +93,17 @@ impl QemuFerry {
             (PRIMARY_HOST, "prim", primary_driver),
             (RECOVERY_HOST, "dr", recovery_driver),
         ] {
-            let host = self.json(&[
+            let mut args = vec![
                 "host", "add", h, "--site", site, "--driver", drv, "--switch", "lan",
-            ]);
+            ];
+            if drv == "qemu" {
+                args.extend(["--accel", "tcg"]);
+            }
+            let host = self.json(&args);
             assert_eq!(host["driver"], drv, "{host}");
+            if drv == "qemu" {
+                assert_eq!(host["accel"], "tcg", "{host}");
+            }
         }
     }
 
@@ -611,6 +618,11 @@ fn a_lost_dirty_bitmap_falls_back_to_a_hash_scan() {
         return;
     };
     failed_over_qemu_vm(&q);
+    // --accel belongs to the qemu driver.
+    let err = q.f.fail(&[
+        "host", "add", "h9", "--site", "prim", "--driver", "dir", "--accel", "kvm",
+    ]);
+    assert!(err.contains("qemu driver only"), "{err}");
     // Someone removes ferry's bitmaps from the running recovery VM.
     let names = tracking_bitmaps(&q, "db", "r1");
     assert!(
@@ -712,4 +724,41 @@ fn killing_the_recovery_qemu_mid_failback_then_rerunning_ends_bit_identical() {
     assert_copies_equal(&q);
     let left = q.leftovers();
     assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
+#[test]
+fn demo_runs_the_whole_story_on_real_qemu_vms() {
+    let Some(q) = QemuFerry::new("demo_runs_the_whole_story_on_real_qemu_vms") else {
+        return;
+    };
+    let dir = q.f.home().join("demo");
+    let dir_s = dir.to_str().unwrap().to_string();
+    let v = q.json(&[
+        "demo",
+        "--driver",
+        "qemu",
+        "--disk-size",
+        "32MiB",
+        "--dir",
+        &dir_s,
+    ]);
+    assert_eq!(v["bit_identical"], true, "{v}");
+    assert_eq!(v["state"], "protected", "{v}");
+    let steps = v["steps"].as_array().unwrap();
+    let complete = steps
+        .iter()
+        .find(|s| s["step"].as_str().unwrap().starts_with("complete"))
+        .unwrap();
+    assert!(
+        complete["job"]["downtime_ms"].as_u64().unwrap() < 3000,
+        "phase-2 downtime: {complete}"
+    );
+    // Change tracking: the 1% reverse replication reads far less than the 40 MiB of disks.
+    let reverse = steps.last().unwrap();
+    assert!(
+        reverse["job"]["bytes_read"].as_u64().unwrap() < 4 * MIB,
+        "{reverse}"
+    );
+    let left = processes_mentioning(&dir);
+    assert!(left.is_empty(), "the demo left processes running: {left:?}");
 }

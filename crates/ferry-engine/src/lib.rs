@@ -290,7 +290,17 @@ impl Engine {
         driver: ferry_model::DriverKind,
         root: Option<PathBuf>,
         switches: Vec<String>,
+        accel: Option<String>,
     ) -> Result<Host> {
+        if let Some(a) = &accel {
+            if driver != ferry_model::DriverKind::Qemu {
+                bail!(
+                    "--accel applies to the qemu driver only (host {name} uses {})",
+                    driver.as_str()
+                );
+            }
+            ferry_hypervisor::qemu::Accel::parse(a).map_err(|e| anyhow!("--accel: {e}"))?;
+        }
         ferry_model::validate_name("host", name)?;
         for s in &switches {
             ferry_model::validate_name("switch", s)?;
@@ -310,6 +320,7 @@ impl Engine {
             driver,
             root,
             switches: sw,
+            accel: accel.map(|a| a.trim().to_ascii_lowercase()),
         };
         ferry_hypervisor::connect(&host)?;
         self.vault.add_host(&host)?;

@@ -304,6 +304,7 @@ mod tests {
             driver: ferry_model::DriverKind::Dir,
             root: root.to_path_buf(),
             switches: vec!["lan".into()],
+            accel: None,
         }
     }
 

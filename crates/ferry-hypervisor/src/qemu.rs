@@ -96,18 +96,29 @@ pub enum Accel {
 }
 
 impl Accel {
+    /// Parses `tcg`, `kvm` or `auto` (empty means auto).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            other => Err(format!(
+                "{other:?} is not an accelerator; use tcg, kvm or auto"
+            )),
+        }
+    }
+
     /// Reads [`ACCEL_ENV`] (`tcg`, `kvm`, `auto`; unset means auto).
     pub fn from_env() -> Result<Self> {
+        Self::from_env_or(Accel::Auto)
+    }
+
+    /// [`ACCEL_ENV`] when set (it overrides every host's choice), else `default`.
+    fn from_env_or(default: Accel) -> Result<Self> {
         match std::env::var(ACCEL_ENV) {
-            Err(_) => Ok(Accel::Auto),
-            Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-                "" | "auto" => Ok(Accel::Auto),
-                "kvm" => Ok(Accel::Kvm),
-                "tcg" => Ok(Accel::Tcg),
-                other => Err(HvError::Invalid(format!(
-                    "{ACCEL_ENV}={other:?} is not an accelerator; use tcg, kvm or auto (or unset it)"
-                ))),
-            },
+            Err(_) => Ok(default),
+            Ok(v) => Self::parse(&v)
+                .map_err(|e| HvError::Invalid(format!("{ACCEL_ENV}: {e} (or unset it)"))),
         }
     }
 
@@ -192,8 +203,9 @@ pub struct QemuDriver {
 }
 
 impl QemuDriver {
-    /// A driver for `host`; fails when `qemu-system-x86_64`, `qemu-img` or `qemu-nbd` is not
-    /// installed, or when [`ACCEL_ENV`] holds an unknown value.
+    /// A driver for `host` with the host's accelerator (`--accel`; [`ACCEL_ENV`] overrides
+    /// it); fails when `qemu-system-x86_64`, `qemu-img` or `qemu-nbd` is not installed, or an
+    /// accelerator name is unknown.
     pub fn new(host: Host) -> Result<Self> {
         let find = |program: &str| {
             find_program(program).ok_or_else(|| HvError::MissingProgram {
@@ -207,7 +219,12 @@ impl QemuDriver {
             system: find("qemu-system-x86_64")?,
             img: find("qemu-img")?,
             nbd: find("qemu-nbd")?,
-            accel: Accel::from_env()?,
+            accel: Accel::from_env_or(match &host.accel {
+                Some(a) => Accel::parse(a).map_err(|e| {
+                    HvError::Invalid(format!("host {}: accelerator {e}", host.name))
+                })?,
+                None => Accel::Auto,
+            })?,
             host,
         })
     }

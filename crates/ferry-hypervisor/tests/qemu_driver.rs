@@ -20,6 +20,7 @@ fn driver(root: &Path) -> Option<QemuDriver> {
         driver: DriverKind::Qemu,
         root: root.to_path_buf(),
         switches: vec!["lan".into()],
+        accel: None,
     };
     Some(QemuDriver::new(host).unwrap().with_accel(Accel::Tcg))
 }

@@ -90,6 +90,9 @@ pub struct Host {
     pub root: PathBuf,
     /// Names of the virtual switches available on the host.
     pub switches: Vec<String>,
+    /// QEMU accelerator of the host's VMs (`kvm`, `tcg` or `auto`; `None`: auto).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
 }
 
 /// A VM under ferry's care.

@@ -44,6 +44,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE plans(name TEXT PRIMARY KEY, groups TEXT NOT NULL);",
     // 3: job notes
     "ALTER TABLE jobs ADD COLUMN notes TEXT NOT NULL DEFAULT '[]';",
+    // 4: QEMU accelerator per host
+    "ALTER TABLE hosts ADD COLUMN accel TEXT;",
 ];
 
 /// Errors of the vault.
@@ -271,13 +273,14 @@ impl Vault {
             )));
         }
         self.conn.execute(
-            "INSERT INTO hosts(name, site, driver, root, switches) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO hosts(name, site, driver, root, switches, accel) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 h.name,
                 h.site,
                 h.driver.as_str(),
                 h.root.display().to_string(),
-                serde_json::to_string(&h.switches).unwrap()
+                serde_json::to_string(&h.switches).unwrap(),
+                h.accel
             ],
         )?;
         Ok(())
@@ -288,7 +291,7 @@ impl Vault {
         Ok(self
             .conn
             .query_row(
-                "SELECT name, site, driver, root, switches FROM hosts WHERE name = ?1",
+                "SELECT name, site, driver, root, switches, accel FROM hosts WHERE name = ?1",
                 [name],
                 |r| {
                     Ok(Host {
@@ -297,6 +300,7 @@ impl Vault {
                         driver: parse::<DriverKind>(r.get(2)?)?,
                         root: PathBuf::from(r.get::<_, String>(3)?),
                         switches: json(r.get(4)?)?,
+                        accel: r.get(5)?,
                     })
                 },
             )
@@ -708,6 +712,7 @@ mod tests {
             driver: DriverKind::Dir,
             root: "/r".into(),
             switches: vec!["lan".into()],
+            accel: Some("tcg".into()),
         };
         v.add_host(&h).unwrap();
         assert_eq!(v.hosts().unwrap(), vec![h]);
