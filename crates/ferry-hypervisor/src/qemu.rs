@@ -11,6 +11,7 @@
 //! | `nbd.sock` | QEMU's own NBD server, started on demand to read a running VM's disks |
 //! | `nbd-*.sock`, `nbd-*.pid`, `qemu-nbd.log` | `qemu-nbd` servers of disks ferry has open while the VM is stopped |
 //! | `unclean` | QEMU died without being stopped: the disks are checked (`qemu-img check -r leaks`) before reuse |
+//! | `fv<pid>x<n>d<i>.qcow2` | temporary fleecing overlay of a point-in-time view (removed when the view closes; leftovers of a dead ferry are removed by the next view) |
 //!
 //! Power state is not stored: a VM runs while its QEMU process lives (the pid in `qemu.pid`,
 //! cross-checked against the process's command line so a recycled pid is not mistaken for it)
@@ -33,13 +34,14 @@
 //!   the device is dropped; it also exits by itself when ferry's connections close, so a
 //!   crashed ferry leaves no server holding the image lock;
 //! - running VM: read-only, through QEMU's own NBD server (`nbd-server-start` +
-//!   `block-export-add` over QMP), the export removed when the device is dropped. These reads
-//!   are *not* point-in-time: each block is read as it is at that moment while the guest
-//!   keeps writing (consistent snapshots come with change tracking, which adds external
-//!   snapshots and dirty bitmaps). Writing to a running VM's disk is refused.
+//!   `block-export-add` over QMP), the export removed when the device is dropped. A plain
+//!   [`Hypervisor::open_disk`] of a running VM reads each block as it is at that moment; the
+//!   engine reads through [`Hypervisor::open_view`] instead, which is point-in-time. Writing to
+//!   a running VM's disk is refused.
 //!
-//! [`Hypervisor::disk_stamp`] returns `None`: a qcow2 file's metadata does not prove that the
-//! guest wrote nothing, so the engine hash-scans (dirty bitmaps will replace that).
+//! Change tracking (persistent dirty bitmaps) and point-in-time views (fleecing) are in the
+//! `track` submodule (`qemu_track.rs`). [`Hypervisor::disk_stamp`] returns `None`: a qcow2
+//! file's metadata does not prove that the guest wrote nothing; the bitmaps do.
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -1155,7 +1157,8 @@ impl Drop for Server {
 /// to QEMU's own NBD server). Dropping it closes the connections and stops the server
 /// (`qemu-nbd`) or removes the export (running QEMU).
 ///
-/// Reads of a running VM's disk are not point-in-time: the guest keeps writing meanwhile.
+/// Reads of a running VM's disk opened with [`Hypervisor::open_disk`] are not point-in-time (the
+/// guest keeps writing meanwhile); a view's disks read a frozen snapshot.
 pub struct QemuDisk {
     conns: Vec<NbdDisk>,
     next: AtomicUsize,
