@@ -50,7 +50,11 @@ pub fn job(j: &Job, as_json: bool) {
             } else {
                 String::new()
             };
-            println!("  {:<32} {:<10}{}", s.name, s.state.as_str(), bytes);
+            let time = s
+                .elapsed_ms
+                .map(|ms| format!("  {:.2} s", ms as f64 / 1000.0))
+                .unwrap_or_default();
+            println!("  {:<32} {:<10}{}{}", s.name, s.state.as_str(), bytes, time);
         }
         for n in &j.notes {
             println!("  note: {n}");

@@ -130,6 +130,7 @@ pub struct JobRun {
     pub ctx: Arc<JobCtx>,
     base: (u64, u64, u64),
     current_step: Arc<Mutex<Option<usize>>>,
+    step_started: Mutex<Option<Instant>>,
     stop: Arc<AtomicBool>,
     reporter: Option<std::thread::JoinHandle<()>>,
     home: PathBuf,
@@ -148,6 +149,7 @@ impl JobRun {
             ctx,
             base,
             current_step,
+            step_started: Mutex::new(None),
             stop,
             reporter: None,
             home,
@@ -206,6 +208,7 @@ impl JobRun {
             state: JobState::Queued,
             bytes_done: 0,
             bytes_total: 0,
+            elapsed_ms: None,
         });
         j.steps.len() - 1
     }
@@ -213,6 +216,11 @@ impl JobRun {
     /// Marks step `name` running with `total` bytes to process.
     pub fn begin_step(&self, name: &str, total: u64) {
         let i = self.step_index(name);
+        let again = *self.current_step.lock().unwrap() == Some(i);
+        if !again {
+            self.end_timing();
+            *self.step_started.lock().unwrap() = Some(Instant::now());
+        }
         self.fold_step();
         self.ctx.take_step_done();
         let mut j = self.shared.lock().unwrap();
@@ -224,11 +232,24 @@ impl JobRun {
 
     /// Marks the running step succeeded.
     pub fn end_step(&self) {
+        self.end_timing();
         self.fold_step();
         let mut j = self.shared.lock().unwrap();
         if let Some(i) = self.current_step.lock().unwrap().take() {
             j.steps[i].state = JobState::Succeeded;
             j.steps[i].bytes_done = j.steps[i].bytes_done.max(j.steps[i].bytes_total);
+        }
+    }
+
+    /// Adds the running step's time so far to its `elapsed_ms`.
+    fn end_timing(&self) {
+        let Some(t) = self.step_started.lock().unwrap().take() else {
+            return;
+        };
+        if let Some(i) = *self.current_step.lock().unwrap() {
+            let mut j = self.shared.lock().unwrap();
+            let e = &mut j.steps[i].elapsed_ms;
+            *e = Some(e.unwrap_or(0) + t.elapsed().as_millis() as u64);
         }
     }
 

@@ -255,6 +255,7 @@ fn steps(names: &[&str]) -> Vec<Step> {
             state: JobState::Queued,
             bytes_done: 0,
             bytes_total: 0,
+            elapsed_ms: None,
         })
         .collect()
 }

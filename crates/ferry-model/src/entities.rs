@@ -262,6 +262,9 @@ pub struct Step {
     pub bytes_done: u64,
     /// Bytes this step will process (0 when it moves no data).
     pub bytes_total: u64,
+    /// Wall-clock milliseconds the step ran (over every run of the job), once it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<u64>,
 }
 
 /// A durable, observable unit of work.
