@@ -13,6 +13,8 @@ use crate::jobs::{Cancelled, JobCtx};
 
 /// Blocks fetched from the store per request group when restoring (coalesced ranged reads).
 const RESTORE_GROUP: usize = 512;
+/// Reader threads of a pass that reads scattered blocks (change tracking).
+const READERS_SPARSE: usize = 4;
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
 /// Bytes of pending target writes collected before they are written out.
@@ -189,39 +191,53 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     let mut write = spec.write;
     let crosses = spec.crosses_sites;
     let hasher = spec.hasher;
+    let next_chunk = std::sync::atomic::AtomicUsize::new(0);
 
     std::thread::scope(|s| -> Result<()> {
-        // Reader.
-        let out_err = out_tx.clone();
-        let chunks_ref = &chunks;
-        let ranges_ref = &data_ranges;
-        let presets_ref = &presets;
-        s.spawn(move || {
-            for (seq, &(first, n)) in chunks_ref.iter().enumerate() {
+        // Readers: one for a full pass (large sequential reads), several when change tracking
+        // leaves scattered blocks to read (latency-bound; the consumer restores the order).
+        let readers = if presets.is_empty() {
+            1
+        } else {
+            READERS_SPARSE
+        };
+        for _ in 0..readers {
+            let out_err = out_tx.clone();
+            let chunks_ref = &chunks;
+            let ranges_ref = &data_ranges;
+            let presets_ref = &presets;
+            let next_chunk = &next_chunk;
+            let tok_rx = tok_rx.clone();
+            let work_tx = work_tx.clone();
+            s.spawn(move || loop {
                 if tok_rx.recv().is_err() || ctx.is_cancelled() {
                     break;
                 }
+                let seq = next_chunk.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&(first, n)) = chunks_ref.get(seq) else {
+                    break;
+                };
                 let start = first * bs;
                 let end = ((first + n) * bs).min(size);
-                let in_data = ranges_ref.iter().any(|&(a, b)| a < end && b > start);
-                let mut data = Vec::new();
+                let in_data = overlaps(ranges_ref, start, end);
                 let mut preset = Vec::new();
                 if in_data && !presets_ref.is_empty() {
                     preset = presets_ref[first as usize..(first + n) as usize].to_vec();
                 }
-                if in_data {
+                let must_read = |k: u64| preset.is_empty() || preset[k as usize].is_none();
+                let mut data = Vec::new();
+                if in_data && (0..n).any(must_read) {
                     data = vec![0u8; (end - start) as usize];
                     // Runs of blocks that must be read (all of them without presets).
                     let mut k = 0u64;
                     let mut failed = false;
                     while k < n {
-                        if !preset.is_empty() && preset[k as usize].is_some() {
+                        if !must_read(k) {
                             k += 1;
                             continue;
                         }
                         let mut m = 1;
-                        while k + m < n && (preset.is_empty() || preset[(k + m) as usize].is_none())
-                        {
+                        while k + m < n && must_read(k + m) {
                             m += 1;
                         }
                         let s = (k * bs) as usize;
@@ -239,21 +255,21 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                     }
                 }
                 ctx.add_step_done(end - start);
-                if work_tx
-                    .send(ChunkIn {
-                        seq: seq as u64,
-                        first,
-                        n,
-                        data,
-                        read: in_data,
-                        preset,
-                    })
-                    .is_err()
-                {
+                let chunk = ChunkIn {
+                    seq: seq as u64,
+                    first,
+                    n,
+                    data,
+                    read: in_data,
+                    preset,
+                };
+                if work_tx.send(chunk).is_err() {
                     break;
                 }
-            }
-        });
+            });
+        }
+        drop(work_tx);
+        drop(tok_rx);
         // Workers.
         for _ in 0..threads {
             let work_rx: Receiver<ChunkIn> = work_rx.clone();
@@ -273,7 +289,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         writes,
                         &mut comp,
                     );
-                    if out_tx.send(Ok(out)).is_err() {
+                    if out_tx.send(out).is_err() {
                         break;
                     }
                 }
@@ -398,6 +414,12 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     Ok(result)
 }
 
+/// True when `[start, end)` overlaps one of the sorted, disjoint `ranges`.
+fn overlaps(ranges: &[(u64, u64)], start: u64, end: u64) -> bool {
+    let i = ranges.partition_point(|&(_, b)| b <= start);
+    ranges.get(i).is_some_and(|&(a, _)| a < end)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn hash_chunk(
     c: ChunkIn,
@@ -408,7 +430,7 @@ fn hash_chunk(
     store: Option<&Store>,
     keep_data: bool,
     comp: &mut zstd::bulk::Compressor<'_>,
-) -> ChunkOut {
+) -> Result<ChunkOut> {
     let nblocks = c.n;
     let mut hashes = Vec::with_capacity(nblocks as usize);
     let mut moved = Vec::new();
@@ -441,6 +463,12 @@ fn hash_chunk(
         } else {
             let s = (k * bs) as usize;
             let e = (s + bs as usize).min(c.data.len());
+            if e <= s {
+                // Known by change tracking and in the store a moment ago: gone since.
+                return Err(anyhow!(
+                    "block {idx} left the store during the pass (a concurrent garbage collection?); run the command again"
+                ));
+            }
             let (f, codec) = encode(comp, &c.data[s..e]);
             // Sealed here, in parallel, not on the single in-order consumer.
             let f = match store {
@@ -457,7 +485,7 @@ fn hash_chunk(
             wire_len,
         });
     }
-    ChunkOut {
+    Ok(ChunkOut {
         seq: c.seq,
         first: c.first,
         hashes,
@@ -467,7 +495,7 @@ fn hash_chunk(
             Vec::new()
         },
         moved,
-    }
+    })
 }
 
 /// Moved blocks of one chunk waiting to be written, with the chunk's data.
@@ -664,6 +692,17 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    #[test]
+    fn overlap_of_sorted_ranges() {
+        let r = [(10, 20), (30, 40)];
+        assert!(overlaps(&r, 0, 11));
+        assert!(!overlaps(&r, 0, 10));
+        assert!(!overlaps(&r, 20, 30));
+        assert!(overlaps(&r, 39, 100));
+        assert!(!overlaps(&r, 40, 100));
+        assert!(!overlaps(&[], 0, 100));
     }
 
     #[test]
