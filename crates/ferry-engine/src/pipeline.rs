@@ -15,6 +15,8 @@ use crate::jobs::{Cancelled, JobCtx};
 const RESTORE_GROUP: usize = 512;
 /// Reader threads of a pass that reads scattered blocks (change tracking).
 const READERS_SPARSE: usize = 4;
+/// Most writes of one batch in flight at once.
+const WRITERS: usize = 4;
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
 /// Bytes of pending target writes collected before they are written out.
@@ -543,6 +545,12 @@ fn write_batch(
         .map(|&(pi, k, n)| (batch[pi].blocks[k].0, n as u64))
         .collect();
     journal.intents(&intents)?;
+    // The writes of the batch: data slices and zeroed ranges (holes), run by run.
+    enum Op {
+        Zero(u64, u64),
+        Data(u64, usize, usize, usize),
+    }
+    let mut ops = Vec::new();
     let mut done = Vec::with_capacity(runs.len());
     for &(pi, k, n) in &runs {
         let p = &batch[pi];
@@ -558,18 +566,54 @@ fn write_batch(
             let start = map.block_range(blocks[j].0).start;
             let end = map.block_range(blocks[j + m - 1].0).end;
             if zero {
-                dev.write_zeroes(start, end - start)?;
+                ops.push(Op::Zero(start, end - start));
             } else {
                 let off = (start - p.first * bs) as usize;
-                dev.write_at(start, &p.data[off..off + (end - start) as usize])?;
+                ops.push(Op::Data(start, pi, off, (end - start) as usize));
             }
-            ctx.add_written(end - start);
             j += m;
         }
+        done.push((blocks[0].0, blocks.iter().map(|b| b.1).collect::<Vec<_>>()));
+    }
+    let run_op = |op: &Op| -> Result<()> {
+        match *op {
+            Op::Zero(start, len) => {
+                dev.write_zeroes(start, len)?;
+                ctx.add_written(len);
+            }
+            Op::Data(start, pi, off, len) => {
+                dev.write_at(start, &batch[pi].data[off..off + len])?;
+                ctx.add_written(len as u64);
+            }
+        }
+        Ok(())
+    };
+    // Scattered writes are latency-bound: several in flight (devices are thread-safe; the
+    // intents above are durable, and nothing counts as done before the next flush).
+    let writers = if ops.len() > 2 * WRITERS { WRITERS } else { 1 };
+    if writers <= 1 {
+        ops.iter().try_for_each(run_op)?;
+    } else {
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = (0..writers)
+                .map(|w| {
+                    let ops = &ops;
+                    let run_op = &run_op;
+                    s.spawn(move || ops.iter().skip(w).step_by(writers).try_for_each(run_op))
+                })
+                .collect();
+            for h in handles {
+                h.join()
+                    .map_err(|_| anyhow!("internal: a disk writer panicked"))??;
+            }
+            Ok(())
+        })?;
+    }
+    for &(pi, k, n) in &runs {
+        let blocks = &batch[pi].blocks[k..k + n];
         let start = map.block_range(blocks[0].0).start;
         let end = map.block_range(blocks[n - 1].0).end;
         dev.start_writeback(start, end - start);
-        done.push((blocks[0].0, blocks.iter().map(|b| b.1).collect::<Vec<_>>()));
     }
     journal.done_many(&done)?;
     batch.clear();
