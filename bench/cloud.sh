@@ -258,7 +258,7 @@ azure_round() {
         say "[$d] plain client: put + get of $SIZE in $OBJ objects, $t thread(s)"
         echo "+ plain $t threads" >>"$LOG"
         out=$(cpy plain "$AZ_URL" "plain-$d-$$" "$ref" "$OBJ" "$t" "" "$AZ_PID" 2>>"$LOG")
-        for k in put_s get_s put_cpu get_cpu put_server_cpu get_server_cpu; do
+        for k in put_s get_s getfile_s put_cpu get_cpu getfile_cpu put_server_cpu get_server_cpu getfile_server_cpu; do
             record "${p}plain${t}_$k" "$(sed -n "s/^$k=//p" <<<"$out")"
         done
         record "${p}plain${t}_bytes" "$(sed -n 's/^bytes=//p' <<<"$out")"
