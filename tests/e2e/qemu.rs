@@ -762,3 +762,103 @@ fn demo_runs_the_whole_story_on_real_qemu_vms() {
     let left = processes_mentioning(&dir);
     assert!(left.is_empty(), "the demo left processes running: {left:?}");
 }
+
+#[test]
+fn a_disabled_dirty_bitmap_is_not_trusted() {
+    let Some(q) = QemuFerry::new("a_disabled_dirty_bitmap_is_not_trusted") else {
+        return;
+    };
+    failed_over_qemu_vm(&q);
+    // Someone disables ferry's bitmaps: they stop recording, then the guest writes.
+    let names = tracking_bitmaps(&q, "db", "r1");
+    assert!(!names.is_empty());
+    let v = q.f.vm_show("db", Some("r1"));
+    {
+        let mut qmp = Qmp::connect(v["qmp"].as_str().unwrap()).unwrap();
+        for n in &names {
+            qmp.execute(
+                "block-dirty-bitmap-disable",
+                Some(serde_json::json!({"node": "disk0", "name": n})),
+            )
+            .unwrap();
+        }
+    }
+    q.guest("db", "r1", 0, "write -P 0x3c 20M 2M");
+    let job = q.json(&["failback", "db", "--auto-complete"]);
+    assert_job_state(&job, "succeeded");
+    assert!(
+        job["notes"].to_string().contains("disabled"),
+        "the job says the bitmap stopped recording: {job}"
+    );
+    assert_copies_equal(&q);
+    assert_image_reads(
+        &disk0(&q.f.vm_show("db", Some("h1"))),
+        "qcow2",
+        "read -P 0x3c 20M 2M",
+    );
+    let left = q.leftovers();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
+#[test]
+fn a_view_left_by_a_killed_ferry_is_cleaned_up_and_the_failback_resumes() {
+    let Some(q) =
+        QemuFerry::new("a_view_left_by_a_killed_ferry_is_cleaned_up_and_the_failback_resumes")
+    else {
+        return;
+    };
+    failed_over_qemu_vm(&q);
+    let random = q.f.home().join("random.bin");
+    std::fs::write(&random, random_bytes(16 * MIB as usize, 7)).unwrap();
+    q.guest(
+        "db",
+        "r1",
+        0,
+        &format!("write -s {} 12M 16M", random.display()),
+    );
+    let mut child = q
+        .command(&["--json", "failback", "db", "--bandwidth", "2MiB/s"])
+        .spawn()
+        .expect("spawn ferry failback");
+    let vm_dir = disk0(&q.f.vm_show("db", Some("r1")))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let overlays = || -> Vec<String> {
+        std::fs::read_dir(&vm_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("fv"))
+            .collect()
+    };
+    // Wait until phase 1 reads from its snapshot, then kill ferry outright.
+    let t = Instant::now();
+    while overlays().is_empty() {
+        assert!(
+            t.elapsed() < POLL_TIMEOUT,
+            "phase 1 never opened its snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(!overlays().is_empty(), "the killed ferry left its snapshot");
+    // Looking at the VM removes the dead process's snapshot: no overlay, no block job.
+    q.f.vm_show("db", Some("r1"));
+    assert!(overlays().is_empty(), "stale overlays: {:?}", overlays());
+    let v = q.f.vm_show("db", Some("r1"));
+    {
+        let mut qmp = Qmp::connect(v["qmp"].as_str().unwrap()).unwrap();
+        let jobs = qmp.execute("query-block-jobs", None).unwrap();
+        assert_eq!(jobs, serde_json::json!([]), "fleecing job left running");
+    }
+    // The guest keeps writing; the resumed failback ends bit-identical.
+    q.guest("db", "r1", 0, "write -P 0x5e 2M 1M");
+    let job = q.json(&["failback", "db", "--auto-complete"]);
+    assert_job_state(&job, "succeeded");
+    assert_copies_equal(&q);
+    let left = q.leftovers();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}

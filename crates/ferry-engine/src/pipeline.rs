@@ -438,8 +438,9 @@ fn hash_chunk(
     let mut moved = Vec::new();
     for k in 0..nblocks {
         let idx = c.first + k;
-        let h = if let Some(Some(h)) = c.preset.get(k as usize) {
-            *h
+        let preset = c.preset.get(k as usize).copied().flatten();
+        let h = if let Some(h) = preset {
+            h
         } else if c.read {
             let s = (k * bs) as usize;
             let e = (s + bs as usize).min(c.data.len());
@@ -465,7 +466,7 @@ fn hash_chunk(
         } else {
             let s = (k * bs) as usize;
             let e = (s + bs as usize).min(c.data.len());
-            if e <= s {
+            if preset.is_some() || e <= s {
                 // Known by change tracking and in the store a moment ago: gone since.
                 return Err(anyhow!(
                     "block {idx} left the store during the pass (a concurrent garbage collection?); run the command again"

@@ -820,6 +820,10 @@ impl Engine {
                     nics,
                 };
                 rd.create_vm(&spec)?;
+                // Not startable until restored and tracked (nothing may write before the mark).
+                for i in 0..spec.disks.len() as u32 {
+                    rd.set_disk_consistent(vm, i, false)?;
+                }
                 run.end_step();
                 run.begin_step(
                     "restore disks",
@@ -838,6 +842,9 @@ impl Engine {
                 }
                 // Change tracking of the recovery copy starts now: its content is the point's.
                 let marks = rd.mark_disks(vm)?;
+                for i in 0..manifest.disks.len() as u32 {
+                    rd.set_disk_consistent(vm, i, true)?;
+                }
                 // The recovery VM is complete: a crash from here on resumes by starting it.
                 let mut ex = self.extra(vm)?;
                 ex.recovery = Some(CopyState {
@@ -1313,7 +1320,11 @@ impl Engine {
             }
         }
         if let Some(v) = view {
-            close_view(run, v);
+            // Its marks are not recorded: ferry writes these disks next, and tracking of the
+            // primary starts over once the failback completes.
+            if let Err(e) = v.close(false) {
+                run.note(format!("cleaning up the disk snapshot: {e}"));
+            }
         }
         for d in &tinfo.disks {
             td.set_disk_consistent(vm, d.index, false)?;
@@ -1478,7 +1489,19 @@ impl Engine {
         }
         for (i, m) in maps.iter().enumerate() {
             self.save_map(vm, Copy::Primary, i as u32, m)?;
-            td.set_disk_consistent(vm, i as u32, true)?;
+        }
+        // Change tracking of the primary starts now, while its disks are still marked
+        // inconsistent (nothing can start the VM and write before the mark): its content is
+        // the failback point's.
+        let marks = td.mark_disks(vm)?;
+        let mut extra = self.extra(vm)?;
+        extra.primary = Some(CopyState {
+            host: thost.name.clone(),
+            marks,
+        });
+        self.set_extra(vm, &extra)?;
+        for i in 0..maps.len() as u32 {
+            td.set_disk_consistent(vm, i, true)?;
         }
         self.record_point(
             &store,
@@ -1488,14 +1511,6 @@ impl Engine {
             },
             PointKind::Failback,
         )?;
-        // Change tracking of the primary starts now: its content is the failback point's.
-        let marks = td.mark_disks(vm)?;
-        let mut extra = self.extra(vm)?;
-        extra.primary = Some(CopyState {
-            host: thost.name.clone(),
-            marks,
-        });
-        self.set_extra(vm, &extra)?;
         let mut it = self.item(vm)?;
         it.primary_host = thost.name.clone();
         self.vault.update_item(&it)?;

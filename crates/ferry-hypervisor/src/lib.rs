@@ -59,7 +59,7 @@ pub enum HvError {
         available: String,
     },
     /// A disk is inconsistent (an interrupted sync), so the VM must not start.
-    #[error("VM {vm} on host {host} cannot start: disk {disk} is inconsistent (a failback sync was interrupted); resume it with `ferry failback {vm}`")]
+    #[error("VM {vm} on host {host} cannot start: disk {disk} is inconsistent (a failback sync into it, or a failover restoring it, did not finish); resume it with `ferry failback {vm}` or `ferry failover {vm}`")]
     Inconsistent {
         /// VM name.
         vm: String,

@@ -500,10 +500,23 @@ impl QemuDriver {
                 })
             })
             .collect::<Result<_>>()?;
+        let power = self.power(&p);
+        // A view left by a ferry that died keeps its fleecing job copying the guest's writes
+        // into an overlay: stop that as soon as ferry looks at the VM.
+        if track::has_stale_overlays(&p) {
+            match power {
+                Power::Running => {
+                    if let Ok(mut q) = Qmp::connect_timeout(&p.qmp, QMP_TIMEOUT) {
+                        self.clean_stale_views(&mut q, &p);
+                    }
+                }
+                Power::Stopped => track::remove_stale_overlay_files(&p),
+            }
+        }
         Ok(VmInfo {
             name: vm.name.clone(),
             host: self.host.name.clone(),
-            power: self.power(&p),
+            power,
             cpus: vm.cpus,
             memory: vm.memory,
             disks,

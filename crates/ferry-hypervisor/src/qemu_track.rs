@@ -23,8 +23,15 @@
 //! `qemu-img bitmap --add`, and the bitmaps since the mark are exported by `qemu-nbd --bitmap`.
 //!
 //! Tracking cannot be trusted — and the engine falls back to reading every block — when the
-//! mark's bitmap is missing (removed, the image replaced), or a bitmap is flagged `in-use` /
-//! inconsistent (QEMU was killed and never wrote it back).
+//! mark's bitmap is missing (removed, the image replaced), a bitmap is flagged `in-use` /
+//! inconsistent (QEMU was killed and never wrote it back), or a bitmap stopped recording
+//! (disabled behind ferry's back). A bitmap *cleared* behind ferry's back cannot be detected:
+//! `--verify` (a full hash comparison) is the safety net for that.
+//!
+//! While a view of a running VM is open, the guest's first write to each cluster first copies
+//! the old data into the view's overlay (in the VM's folder): the overlay needs as much free
+//! space as the guest overwrites during the read. The overlay of a ferry process that died is
+//! removed the next time ferry looks at the VM (`vm show`, `status`, any job).
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +58,8 @@ pub(super) struct BitmapState {
     pub name: String,
     /// True when its content cannot be trusted (`in-use` in a closed image, `inconsistent`).
     pub inconsistent: bool,
+    /// False when it does not record writes (disabled; `auto` missing in a closed image).
+    pub recording: bool,
 }
 
 /// The generation of a ferry tracking bitmap name (`ferry-<digits>`).
@@ -96,6 +105,12 @@ pub(super) fn bitmaps_since(
     if let Some((_, b)) = chain.iter().find(|(_, b)| b.inconsistent) {
         return Err(Some(format!(
             "its dirty bitmap {} is inconsistent (QEMU stopped without saving it: killed or crashed)",
+            b.name
+        )));
+    }
+    if let Some((_, b)) = chain.iter().find(|(_, b)| !b.recording) {
+        return Err(Some(format!(
+            "its dirty bitmap {} was disabled and stopped recording writes",
             b.name
         )));
     }
@@ -185,6 +200,7 @@ fn states_of_node(node: &Value) -> Vec<BitmapState> {
                 .map(|b| BitmapState {
                     name: b["name"].as_str().unwrap_or("").to_string(),
                     inconsistent: b["inconsistent"].as_bool().unwrap_or(false),
+                    recording: b["recording"].as_bool().unwrap_or(true),
                 })
                 .collect()
         })
@@ -253,6 +269,9 @@ impl QemuDriver {
                         inconsistent: b["flags"]
                             .as_array()
                             .is_some_and(|f| f.iter().any(|x| x == "in-use")),
+                        recording: b["flags"]
+                            .as_array()
+                            .is_some_and(|f| f.iter().any(|x| x == "auto")),
                     })
                     .collect()
             })
@@ -301,7 +320,7 @@ impl QemuDriver {
 
     /// Removes what views of ferry processes that are gone left in a running QEMU: exports,
     /// fleecing jobs and overlays, frozen bitmaps, overlay files.
-    fn clean_stale_views(&self, q: &mut Qmp, p: &VmPaths) {
+    pub(super) fn clean_stale_views(&self, q: &mut Qmp, p: &VmPaths) {
         let stale = |name: &str| owner_of(name).is_some_and(|pid| !alive(pid));
         if let Ok(ex) = q.execute("query-block-exports", None) {
             for e in ex.as_array().into_iter().flatten() {
@@ -487,7 +506,9 @@ impl QemuDriver {
                         Ok(_) => break,
                         Err(e)
                             if e.desc().is_some_and(|m| {
-                                m.contains("not found") || m.contains("Cannot find")
+                                m.contains("not found")
+                                    || m.contains("Cannot find")
+                                    || m.contains("Failed to find")
                             }) =>
                         {
                             break
@@ -520,6 +541,13 @@ impl QemuDriver {
                             );
                         }
                     }
+                } else {
+                    // Not recorded: the caller's older mark still records every write, so the
+                    // view's own generation would only pile up.
+                    let _ = q.execute(
+                        "block-dirty-bitmap-remove",
+                        Some(json!({"node": node, "name": next})),
+                    );
                 }
             }
             match first_err {
@@ -695,17 +723,19 @@ impl QemuDriver {
         let name = vm.name.clone();
         let lock_paths = p.clone();
         let closer: ViewCloser = Box::new(move |committed| {
-            if !committed {
-                return Ok(());
-            }
             let _g = this.lock(&lock_paths)?;
             if QemuDriver::live_pid(&lock_paths).is_some() {
-                // Started meanwhile: the older bitmaps go with the next view or mark.
+                // Started meanwhile: the extra bitmaps go with the next view or mark.
                 return Ok(());
             }
             for (file, keep) in prune {
-                let present = this.image_bitmaps(&name, &file)?;
-                this.edit_image_bitmaps(&name, &file, None, &older_than(&present, keep))?;
+                let remove = if committed {
+                    older_than(&this.image_bitmaps(&name, &file)?, keep)
+                } else {
+                    // Not recorded: the caller's older mark still records every write.
+                    vec![format!("{PREFIX}{keep}")]
+                };
+                this.edit_image_bitmaps(&name, &file, None, &remove)?;
             }
             Ok(())
         });
@@ -729,19 +759,32 @@ fn wait_job_gone(q: &mut Qmp, id: &str) {
     }
 }
 
+/// Names of overlay files `fv<pid>x…qcow2` of ferry processes that are gone.
+fn stale_overlays(p: &VmPaths) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(&p.dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.starts_with("fv")
+                && name.ends_with(".qcow2")
+                && owner_of(&name).is_some_and(|pid| !alive(pid))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// True when a ferry process that died left a view's overlay in the VM's folder.
+pub(super) fn has_stale_overlays(p: &VmPaths) -> bool {
+    !stale_overlays(p).is_empty()
+}
+
 /// Removes overlay files `fv<pid>x…qcow2` of ferry processes that are gone.
 pub(super) fn remove_stale_overlay_files(p: &VmPaths) {
-    let Ok(entries) = std::fs::read_dir(&p.dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with("fv")
-            && name.ends_with(".qcow2")
-            && owner_of(&name).is_some_and(|pid| !alive(pid))
-        {
-            let _ = std::fs::remove_file(e.path());
-        }
+    for f in stale_overlays(p) {
+        let _ = std::fs::remove_file(f);
     }
 }
 
@@ -774,6 +817,7 @@ mod tests {
         BitmapState {
             name: name.into(),
             inconsistent: false,
+            recording: true,
         }
     }
 
@@ -811,6 +855,12 @@ mod tests {
             .unwrap_err()
             .unwrap();
         assert!(why.contains("inconsistent"), "{why}");
+        let mut off = present.to_vec();
+        off[0].recording = false;
+        let why = bitmaps_since(Some(&mark("ferry-5")), &off)
+            .unwrap_err()
+            .unwrap();
+        assert!(why.contains("disabled"), "{why}");
         // An inconsistent bitmap older than the mark does not matter.
         let mut old_bad = present.to_vec();
         old_bad[1].inconsistent = true;

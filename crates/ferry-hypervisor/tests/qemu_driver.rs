@@ -376,6 +376,11 @@ fn change_tracking_views_are_point_in_time_and_exact() {
         ])
     );
     drop(view);
+    // An uncommitted view leaves no generation of its own behind.
+    let ChangeMark::Bitmap { name: name2 } = marks2[0].clone().unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(bitmaps(&d, "db1"), vec![name2]);
     guest_write(&d, "db1", 0xee, 8 * MIB, 64 << 10);
     let view = d.open_view("db1", &marks2).unwrap();
     let Changes::Ranges(r) = &view.disks[0].changes else {
