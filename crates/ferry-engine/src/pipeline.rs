@@ -87,35 +87,24 @@ pub struct KnownSource {
 }
 
 impl KnownSource {
-    /// Per block: its hash when it need not be read — outside the changed ranges, known, and
-    /// `must_read(known, target)` false (its data is not needed to move it).
+    /// For blocks `first..first + n`: each block's hash when it need not be read — outside the
+    /// changed ranges, known, and `must_read(known, target)` false (its data is not needed to
+    /// move it). Computed per chunk, so a pass holds no per-block table for the whole disk.
     fn presets(
         &self,
+        first: u64,
+        n: u64,
         target: &BlockMap,
-        must_read: impl Fn(Hash, Hash) -> bool,
+        must_read: &dyn Fn(Hash, Hash) -> bool,
     ) -> Vec<Option<Hash>> {
         let bs = self.map.block_size;
-        let mut dirty = vec![false; self.map.len()];
-        for &(s, e) in &self.changed {
-            if e <= s {
-                continue;
-            }
-            let first = (s / bs) as usize;
-            let last = (e.div_ceil(bs) as usize).min(dirty.len());
-            for d in dirty.iter_mut().take(last).skip(first) {
-                *d = true;
-            }
-        }
-        self.map
-            .hashes
-            .iter()
-            .zip(&target.hashes)
-            .zip(dirty)
-            .map(|((&k, &t), dirty)| {
-                if dirty || k == ferry_blocks::UNKNOWN {
+        (first..first + n)
+            .map(|i| {
+                let k = self.map.hashes[i as usize];
+                if k == ferry_blocks::UNKNOWN || overlaps(&self.changed, i * bs, (i + 1) * bs) {
                     return None;
                 }
-                (!must_read(k, t)).then_some(k)
+                (!must_read(k, target.hashes[i as usize])).then_some(k)
             })
             .collect()
     }
@@ -155,16 +144,18 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     // Onto a disk, a block that differs from the target needs its data. Into a store, a block
     // needs its data only when the store lacks it (even when unchanged: a point must never
     // refer to a block the store lost); hashing alone never needs it.
-    let presets: Vec<Option<Hash>> = match &spec.known {
-        None => Vec::new(),
-        Some(k) => k.presets(&spec.target, |known, target| {
-            if writes_any {
-                known != target
-            } else {
-                known != ZERO && spec.store.as_ref().is_some_and(|st| !st.contains(&known))
-            }
-        }),
+    let store_ref = spec.store.clone();
+    let must_read = move |known: Hash, target: Hash| {
+        if writes_any {
+            known != target
+        } else {
+            known != ZERO && store_ref.as_ref().is_some_and(|st| !st.contains(&known))
+        }
     };
+    let known = spec.known.clone().map(|mut k| {
+        k.changed.sort_unstable();
+        k
+    });
     let mut chunks: Vec<(u64, u64)> = Vec::new();
     let mut b = 0;
     while b < nblocks {
@@ -198,16 +189,14 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     std::thread::scope(|s| -> Result<()> {
         // Readers: one for a full pass (large sequential reads), several when change tracking
         // leaves scattered blocks to read (latency-bound; the consumer restores the order).
-        let readers = if presets.is_empty() {
-            1
-        } else {
-            READERS_SPARSE
-        };
+        let readers = if known.is_none() { 1 } else { READERS_SPARSE };
         for _ in 0..readers {
             let out_err = out_tx.clone();
             let chunks_ref = &chunks;
             let ranges_ref = &data_ranges;
-            let presets_ref = &presets;
+            let known_ref = &known;
+            let must_read_ref = &must_read;
+            let target_ref = &target;
             let next_chunk = &next_chunk;
             let tok_rx = tok_rx.clone();
             let work_tx = work_tx.clone();
@@ -223,8 +212,8 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                 let end = ((first + n) * bs).min(size);
                 let in_data = overlaps(ranges_ref, start, end);
                 let mut preset = Vec::new();
-                if in_data && !presets_ref.is_empty() {
-                    preset = presets_ref[first as usize..(first + n) as usize].to_vec();
+                if let (true, Some(k)) = (in_data, known_ref) {
+                    preset = k.presets(first, n, target_ref, must_read_ref);
                 }
                 let must_read = |k: u64| preset.is_empty() || preset[k as usize].is_none();
                 let mut data = Vec::new();

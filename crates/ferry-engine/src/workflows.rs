@@ -142,13 +142,13 @@ fn view_disk(view: &DiskView, index: u32) -> Result<&ViewDisk> {
 fn known_source(
     run: &JobRun,
     vd: &ViewDisk,
-    base: Option<&BlockMap>,
+    base: Option<&Arc<BlockMap>>,
     verify: bool,
     host: &str,
 ) -> Option<KnownSource> {
     match (&vd.changes, base) {
         (Changes::Ranges(r), Some(m)) if !verify => Some(KnownSource {
-            map: Arc::new(m.clone()),
+            map: m.clone(),
             changed: r.clone(),
         }),
         (Changes::Unknown(Some(why)), _) => {
@@ -576,19 +576,21 @@ impl Engine {
             let base = match &known {
                 Some(_) => self
                     .load_map(&item.vm, Copy::Primary, disk.index)?
-                    .filter(|m| m.size == disk.size && m.block_size == item.block_size),
+                    .filter(|m| m.size == disk.size && m.block_size == item.block_size)
+                    .map(Arc::new),
                 None => None,
             };
             let ks = known_source(run, vd, base.as_ref(), verify, &host.name);
+            // The known map is also the target: one copy in memory.
             let target = base
                 .clone()
-                .unwrap_or_else(|| BlockMap::zeros(disk.size, item.block_size));
+                .unwrap_or_else(|| Arc::new(BlockMap::zeros(disk.size, item.block_size)));
             let r = pass(
                 &run.ctx,
                 PassSpec {
                     src: vd.dev.as_ref(),
                     block_size: item.block_size,
-                    target: Arc::new(target),
+                    target,
                     store: Some(store.clone()),
                     hasher: store.hasher(),
                     write: None,
@@ -597,7 +599,7 @@ impl Engine {
                 },
             )?;
             if verify {
-                check_tracking(run, vd, base.as_ref(), &r.map, &host.name);
+                check_tracking(run, vd, base.as_deref(), &r.map, &host.name);
             }
             self.save_map(&item.vm, Copy::Primary, disk.index, &r.map)?;
             maps.push(r.map);
@@ -1297,7 +1299,7 @@ impl Engine {
                 // An interrupted sync of ours: its journal keeps the map exact.
             } else if let Some(view) = &view {
                 let vd = view_disk(view, d.index)?;
-                match known_source(run, vd, map.as_ref(), false, &thost.name) {
+                match known_source(run, vd, map.map(Arc::new).as_ref(), false, &thost.name) {
                     Some(k) if k.changed.is_empty() => {}
                     ks => {
                         run.begin_step("prepare primary VM", d.size);
@@ -1370,7 +1372,8 @@ impl Engine {
             let vd = view_disk(&view, d.index)?;
             let base = self
                 .load_map(vm, Copy::Recovery, d.index)?
-                .filter(|m| m.size == d.size && m.block_size == block_size);
+                .filter(|m| m.size == d.size && m.block_size == block_size)
+                .map(Arc::new);
             let ks = known_source(run, vd, base.as_ref(), verify, &rinfo.host);
             let target = self
                 .load_map(vm, Copy::Primary, d.index)?
@@ -1391,7 +1394,7 @@ impl Engine {
                 },
             )?;
             if verify {
-                check_tracking(run, vd, base.as_ref(), &r.map, &rinfo.host);
+                check_tracking(run, vd, base.as_deref(), &r.map, &rinfo.host);
             }
             maps.push(r.map);
         }
@@ -1632,7 +1635,13 @@ impl Engine {
                         Some(m) if !disk_consistent && known_host => m,
                         Some(m) if vd.changes == Changes::Ranges(vec![]) => m,
                         map => {
-                            let ks = known_source(&run, vd, map.as_ref(), false, &thost.name);
+                            let ks = known_source(
+                                &run,
+                                vd,
+                                map.map(Arc::new).as_ref(),
+                                false,
+                                &thost.name,
+                            );
                             pass(
                                 &run.ctx,
                                 PassSpec {
@@ -1660,7 +1669,8 @@ impl Engine {
             let vd = view_disk(&rview, d.index)?;
             let base = self
                 .load_map(vm, Copy::Recovery, d.index)?
-                .filter(|m| m.size == d.size && m.block_size == item.block_size);
+                .filter(|m| m.size == d.size && m.block_size == item.block_size)
+                .map(Arc::new);
             let ks = known_source(&run, vd, base.as_ref(), false, &rinfo.host);
             let r = pass(
                 &run.ctx,
