@@ -36,7 +36,8 @@ pub struct Cli {
 /// Flags for commands that move data.
 #[derive(Args, Debug, Clone)]
 pub struct DataFlags {
-    /// Worker threads for reading, hashing and compressing (default: number of cores)
+    /// Worker threads for reading, hashing and compressing, and packs uploaded at once to a
+    /// network store (default: number of cores)
     #[arg(long)]
     pub threads: Option<usize>,
     /// Cap on bytes transferred between sites per second, e.g. 100MiB/s

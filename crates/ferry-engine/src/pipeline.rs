@@ -134,6 +134,10 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         nblocks
     );
     let data_ranges = spec.src.data_ranges().context("listing allocated ranges")?;
+    if let Some(st) = &spec.store {
+        // `--threads` bounds the uploads in flight too.
+        st.set_upload_parallelism(ctx.threads);
+    }
     if let Some(k) = &spec.known {
         anyhow::ensure!(
             k.map.len() as u64 == nblocks && k.map.block_size == bs,

@@ -93,6 +93,7 @@ pub struct Store {
     rt: tokio::runtime::Runtime,
     lease: std::sync::Mutex<Option<Lease>>,
     index: Arc<RwLock<HashMap<Hash, Location>>>,
+    uploads: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Store {
@@ -100,6 +101,10 @@ impl std::fmt::Debug for Store {
         f.debug_struct("Store").field("url", &self.url).finish()
     }
 }
+
+/// Packs a network store uploads at once unless a job sets its own
+/// ([`Store::set_upload_parallelism`]).
+pub const DEFAULT_UPLOADS: usize = 4;
 
 /// A lease left unrenewed this long belongs to a dead job and is ignored.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
@@ -141,6 +146,11 @@ impl Store {
             os,
             rt,
             index: Arc::new(RwLock::new(HashMap::new())),
+            uploads: std::sync::atomic::AtomicUsize::new(if url.starts_with("file://") {
+                1
+            } else {
+                DEFAULT_UPLOADS
+            }),
         };
         store.load_index()?;
         Ok(store)
@@ -328,12 +338,18 @@ impl Store {
             .unwrap_or_else(|e| Err(StoreError::Format(format!("pack upload task failed: {e}"))))
     }
 
-    /// How many packs may upload at once: several for a network store (latency), one locally.
+    /// How many packs may upload at once: several for a network store (latency; see
+    /// [`Store::set_upload_parallelism`]), one locally.
     pub fn upload_parallelism(&self) -> usize {
-        if self.url.starts_with("file://") {
-            1
-        } else {
-            4
+        self.uploads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets how many packs a network store uploads at once (a job's `--threads`); a local
+    /// store keeps writing one at a time.
+    pub fn set_upload_parallelism(&self, n: usize) {
+        if !self.url.starts_with("file://") {
+            self.uploads
+                .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
         }
     }
 
