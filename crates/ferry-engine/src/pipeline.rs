@@ -193,7 +193,9 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     std::thread::scope(|s| -> Result<()> {
         // Readers: one for a full pass (large sequential reads), several when change tracking
         // leaves scattered blocks to read (latency-bound; the consumer restores the order).
-        let readers = if known.is_none() { 1 } else { READERS_SPARSE };
+        // A target that is unknown everywhere (a full download) leaves nothing to skip.
+        let sparse = known.is_some() && !target.hashes.iter().all(|h| *h == ferry_blocks::UNKNOWN);
+        let readers = if sparse { READERS_SPARSE } else { 1 };
         for _ in 0..readers {
             let out_err = out_tx.clone();
             let chunks_ref = &chunks;
