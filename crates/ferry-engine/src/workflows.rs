@@ -1277,7 +1277,7 @@ impl Engine {
         let view = if full {
             None
         } else {
-            Some(td.open_view(vm, &since)?)
+            Some(td.peek_view(vm, &since)?)
         };
         for d in &tinfo.disks {
             let inconsistent_by_us = !d.consistent && known_host;
@@ -1608,7 +1608,7 @@ impl Engine {
             .map(|p| p.marks.clone())
             .unwrap_or_default();
         let tview = match tinfo {
-            Some(_) => Some(td.open_view(vm, &tsince)?),
+            Some(_) => Some(td.peek_view(vm, &tsince)?),
             None => None,
         };
         let rsince = extra
@@ -1617,7 +1617,7 @@ impl Engine {
             .filter(|r| r.host == rinfo.host)
             .map(|r| r.marks.clone())
             .unwrap_or_default();
-        let rview = rd.open_view(vm, &rsince)?;
+        let rview = rd.peek_view(vm, &rsince)?;
         let mut disks = Vec::new();
         for d in &rinfo.disks {
             let target = match (tinfo, &tview) {

@@ -387,6 +387,13 @@ pub trait Hypervisor: Send + Sync {
         Ok(DiskView::new(disks, info.power == Power::Stopped, None))
     }
 
+    /// Like [`Hypervisor::open_view`], for a look whose marks will not be recorded (a dry run,
+    /// a disk about to be rewritten): no new tracking starts, the view's marks are `None`, and
+    /// the disks' tracking is left as it was.
+    fn peek_view(&self, vm: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {
+        self.open_view(vm, since)
+    }
+
     /// The error for a VM this host does not have.
     fn no_such_vm(&self, vm: &str) -> HvError {
         HvError::NoSuchVm {

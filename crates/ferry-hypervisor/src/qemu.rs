@@ -468,6 +468,18 @@ impl QemuDriver {
         Ok(())
     }
 
+    /// A point-in-time view of every disk of `name`; `track` starts the next generation.
+    fn view(&self, name: &str, since: &[Option<ChangeMark>], track: bool) -> Result<DiskView> {
+        let p = self.paths(name)?;
+        let vm = self.must_read(name)?;
+        let _g = self.lock(&p)?;
+        if Self::live_pid(&p).is_some() {
+            return self.view_running(&vm, &p, since, track);
+        }
+        self.prepare_stopped_images(&vm, &p, "read the disks with change tracking")?;
+        self.view_stopped(&vm, &p, since, track)
+    }
+
     /// Readies a stopped VM's images for `action` (the caller holds the lock): cleans up after
     /// a dead QEMU and checks its disks; refuses while another ferry process has a disk open.
     fn prepare_stopped_images(&self, vm: &VmFile, p: &VmPaths, action: &str) -> Result<()> {
@@ -1100,14 +1112,11 @@ impl Hypervisor for QemuDriver {
     }
 
     fn open_view(&self, name: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {
-        let p = self.paths(name)?;
-        let vm = self.must_read(name)?;
-        let _g = self.lock(&p)?;
-        if Self::live_pid(&p).is_some() {
-            return self.view_running(&vm, &p, since);
-        }
-        self.prepare_stopped_images(&vm, &p, "read the disks with change tracking")?;
-        self.view_stopped(&vm, &p, since)
+        self.view(name, since, true)
+    }
+
+    fn peek_view(&self, name: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {
+        self.view(name, since, false)
     }
 
     /// Always `None`: qcow2 metadata does not prove the guest wrote nothing (dirty bitmaps

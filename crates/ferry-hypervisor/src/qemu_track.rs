@@ -421,6 +421,7 @@ impl QemuDriver {
         vm: &VmFile,
         p: &VmPaths,
         since: &[Option<ChangeMark>],
+        track: bool,
     ) -> Result<DiskView> {
         self.check_socket_path(&p.nbd)?;
         let err = |what: &'static str| self.qmp_err(&vm.name, what);
@@ -479,6 +480,8 @@ impl QemuDriver {
             .collect();
         let qmp_path = p.qmp.clone();
         let undo = move |committed: bool, next: &str| -> Result<()> {
+            // A view that started no generation has nothing to commit or remove.
+            let committed = committed && track;
             let mut q = match Qmp::connect_timeout(&qmp_path, QMP_TIMEOUT) {
                 Ok(q) => q,
                 // QEMU is gone, and with it every node, job and bitmap of the view.
@@ -541,7 +544,7 @@ impl QemuDriver {
                             );
                         }
                     }
-                } else {
+                } else if track {
                     // Not recorded: the caller's older mark still records every write, so the
                     // view's own generation would only pile up.
                     let _ = q.execute(
@@ -587,8 +590,11 @@ impl QemuDriver {
                     actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
                         "node": d.node, "target": d.frozen, "bitmaps": merge}}));
                 }
-                actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-                    "node": d.node, "name": next, "persistent": true, "granularity": GRANULARITY}}));
+                if track {
+                    actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                        "node": d.node, "name": next, "persistent": true,
+                        "granularity": GRANULARITY}}));
+                }
                 actions.push(json!({"type": "blockdev-backup", "data": {
                     "job-id": fleece_job(&d.fleece), "device": d.node, "target": d.fleece,
                     "sync": "none"}}));
@@ -655,7 +661,7 @@ impl QemuDriver {
                     index: d.index,
                     dev: Box::new(dev),
                     changes,
-                    mark: Some(ChangeMark::Bitmap { name: next.clone() }),
+                    mark: track.then(|| ChangeMark::Bitmap { name: next.clone() }),
                 });
             }
             Ok(out)
@@ -680,6 +686,7 @@ impl QemuDriver {
         vm: &VmFile,
         p: &VmPaths,
         since: &[Option<ChangeMark>],
+        track: bool,
     ) -> Result<DiskView> {
         let mut out = Vec::new();
         let mut prune = Vec::new();
@@ -692,7 +699,9 @@ impl QemuDriver {
             );
             let g = next_generation(&present, now_micros());
             let next = format!("{PREFIX}{g}");
-            self.edit_image_bitmaps(&vm.name, &file, Some(&next), &[])?;
+            if track {
+                self.edit_image_bitmaps(&vm.name, &file, Some(&next), &[])?;
+            }
             let bitmaps = merge.clone().unwrap_or_default();
             let dev = self.open_stopped(vm, d, p, false, &bitmaps)?;
             let changes = match merge {
@@ -716,13 +725,16 @@ impl QemuDriver {
                 index: d.index,
                 dev: Box::new(dev),
                 changes,
-                mark: Some(ChangeMark::Bitmap { name: next }),
+                mark: track.then_some(ChangeMark::Bitmap { name: next }),
             });
         }
         let this = self.clone();
         let name = vm.name.clone();
         let lock_paths = p.clone();
         let closer: ViewCloser = Box::new(move |committed| {
+            if !track {
+                return Ok(());
+            }
             let _g = this.lock(&lock_paths)?;
             if QemuDriver::live_pid(&lock_paths).is_some() {
                 // Started meanwhile: the extra bitmaps go with the next view or mark.

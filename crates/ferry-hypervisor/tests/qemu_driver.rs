@@ -357,6 +357,19 @@ fn change_tracking_views_are_point_in_time_and_exact() {
         unreachable!()
     };
     assert_eq!(bitmaps(&d, "db1"), vec![name.clone()]);
+    // A peek (dry run) reads the same way but starts no tracking and changes no bitmap.
+    let peek = d.peek_view("db1", &marks2).unwrap();
+    assert!(peek.point_in_time);
+    assert!(peek.marks().iter().all(|m| m.is_none()), "{peek:?}");
+    assert_eq!(
+        peek.disks[0].changes,
+        Changes::Ranges(vec![
+            (4 * MIB, 4 * MIB + (64 << 10)),
+            (20 * MIB, 20 * MIB + (64 << 10))
+        ])
+    );
+    drop(peek);
+    assert_eq!(bitmaps(&d, "db1"), vec![name.clone()]);
     let left: Vec<_> = std::fs::read_dir(dir.path().join("db1"))
         .unwrap()
         .flatten()
