@@ -11,7 +11,8 @@
 # after the running recovery guest overwrote CHANGE_PCT% (default 1) of the 64 KiB blocks at
 # random offsets through QEMU (QMP `human-monitor-command` + `qemu-io write -s`):
 #   tracked: `ferry failback db` (phase 1, recovery VM running) and `ferry complete db` (phase 2),
-#            timed separately: ferry follows its dirty bitmaps and reads only the changed blocks
+#            timed separately, with FINAL_DELTA (10 MiB) written by the guest in between (phase
+#            2's final delta): ferry follows its dirty bitmaps and reads only the changed blocks
 #   scan:    the same after ferry's tracking bitmaps were removed from both images (QMP
 #            `block-dirty-bitmap-remove` on the running recovery VM, `qemu-img bitmap --remove` on
 #            the stopped primary), so ferry cannot trust tracking and hash-scans both disks
@@ -37,6 +38,7 @@
 #   -h, --help      this text
 # Environment:
 #   CACHE (warm): warm or cold page cache before each timed run (see above)
+#   FINAL_DELTA (10MiB): what the guest writes between phase 1 and `complete` (phase 2's delta)
 #   SIZE (4GiB)  CHANGE_PCT (1)  SEED (42)  OUT (bench/out)  FERRY (path to a ferry binary;
 #   implies --no-build)  REPEAT (1): rsync runs, the median is reported
 #   FERRY_QEMU_ACCEL (tcg): QEMU accelerator for every ferry command (tcg, kvm or auto)
@@ -56,13 +58,14 @@ CHANGE_PCT=${CHANGE_PCT:-1}
 SEED=${SEED:-42}
 REPEAT=${REPEAT:-1}
 CACHE=${CACHE:-warm}
+FINAL_DELTA=${FINAL_DELTA:-10MiB}
 case "$CACHE" in
     warm | cold) ;;
     *) echo "error: CACHE=$CACHE: use warm or cold" >&2; exit 2 ;;
 esac
 FERRY_BIN=${FERRY:-}
 export FERRY_QEMU_ACCEL=${FERRY_QEMU_ACCEL:-tcg}
-COMMAND_LINE="$(printf '%q ' "SIZE=$SIZE" "CHANGE_PCT=$CHANGE_PCT" "SEED=$SEED" "REPEAT=$REPEAT" "CACHE=$CACHE" bench/qemu.sh "$@")"
+COMMAND_LINE="$(printf '%q ' "SIZE=$SIZE" "CHANGE_PCT=$CHANGE_PCT" "SEED=$SEED" "REPEAT=$REPEAT" "CACHE=$CACHE" "FINAL_DELTA=$FINAL_DELTA" bench/qemu.sh "$@")"
 COMMAND_LINE=${COMMAND_LINE% }
 
 build=1
@@ -102,6 +105,8 @@ JOBS="$OUT/qemu-jobs-$SIZE" # the JSON ferry printed for each job, and rsync --s
 FHOME="$WORK/home"
 SCRATCH="$WORK/scratch"
 size_bytes=$(python3 "$FHELP" size "$SIZE")
+final_bytes=$(python3 "$FHELP" size "$FINAL_DELTA")
+final_pct=$(awk -v f="$final_bytes" -v s="$size_bytes" 'BEGIN { printf "%.6f", 100 * f / s }')
 if [ "$size_bytes" -le 0 ] || [ $((size_bytes % 65536)) -ne 0 ]; then
     echo "error: SIZE=$SIZE is not a positive multiple of 64 KiB" >&2
     exit 2
@@ -252,15 +257,16 @@ fjob() {
     job_ok "$f" "$st"
 }
 
-# guest_writes SEED : the running recovery guest overwrites CHANGE_PCT% of the blocks
+# guest_writes SEED [PCT] : the running recovery guest overwrites PCT% (default CHANGE_PCT) of
+# the blocks
 guest_writes() {
-    local qmp dev n
+    local qmp dev n pct=${2:-$CHANGE_PCT}
     [ "$(vm_field power)" = running ] || die "the recovery VM of db is not running"
     qmp=$(vm_field qmp)
     dev=$(vm_field disks.0.device)
     if [ -z "$qmp" ] || [ -z "$dev" ]; then die "vm show db: no qmp socket or disks[0].device"; fi
-    echo "+ guest: write $CHANGE_PCT% of the 64 KiB blocks through $qmp ($dev), seed $1" >>"$LOG"
-    n=$(qpy guest-write "$qmp" "$dev" "$size_bytes" "$CHANGE_PCT" "$1" "$SCRATCH" 2>>"$LOG")
+    echo "+ guest: write $pct% of the 64 KiB blocks through $qmp ($dev), seed $1" >>"$LOG"
+    n=$(qpy guest-write "$qmp" "$dev" "$size_bytes" "$pct" "$1" "$SCRATCH" 2>>"$LOG")
     echo "$n"
 }
 
@@ -301,6 +307,11 @@ failback_round() {
     say "[$p] ferry failback db (phase 1)"
     timed "${p}_p1" "$f1" "${FER[@]}" --json failback db
     job_ok "$f1" waiting
+    # The final delta: what the guest writes between phase 1 and `complete` (untimed).
+    # (its own seed per round, so no round rewrites what an earlier one wrote)
+    local fseed=$((SEED + 100))
+    [ "$p" = tracked ] || fseed=$((SEED + 200))
+    record "${p}_final_delta" "$(guest_writes "$fseed" "$final_pct")"
     say "[$p] ferry complete db (phase 2)"
     timed "${p}_p2" "$f2" "${FER[@]}" --json complete db
     job_ok "$f2" succeeded

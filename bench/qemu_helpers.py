@@ -308,7 +308,9 @@ def report(path: str) -> str:
         r1, r = num(m, f"{key}_read_p1"), num(m, f"{key}_read")
         if r1 is not None and r is not None:
             details.append(
-                f"{label}: phase 1 read {fmt_bytes(r1)}, phase 2 {fmt_bytes(r - r1)}; "
+                f"{label}: phase 1 read {fmt_bytes(r1)}, phase 2 {fmt_bytes(r - r1)} "
+                f"(final delta written by the guest between the phases: "
+                f"{fmt_bytes(num(m, f'{key}_final_delta'))}); "
                 f"{fmt_bytes(num(m, f'{key}_written'))} written to the primary disk "
                 f"({fmt_bytes(num(m, f'{key}_changed'))} changed by the guest)"
             )
@@ -383,7 +385,7 @@ def report(path: str) -> str:
     ))
     dt = num(m, "tracked_downtime_ms")
     rows.append((
-        "phase 2 downtime < 3 s (tracked)",
+        f"phase 2 downtime < 3 s (tracked, {fmt_bytes(num(m, 'tracked_final_delta'))} final delta)",
         "–" if dt is None else f"{dt:.0f} ms",
         None if dt is None else dt < 3000,
     ))
