@@ -418,6 +418,11 @@ fn qemu_at_both_sites_whole_lifecycle() {
         "phase 2 read {p2_read} bytes: {p2}"
     );
     assert!(p2.get("notes").is_none(), "tracking was trusted: {p2}");
+    // The downtime (recovery VM stop → primary started) is measured and in the job.
+    let down = p2["downtime_ms"]
+        .as_u64()
+        .expect("phase 2 records its downtime");
+    assert!(down < 3000, "phase-2 downtime {down} ms: {p2}");
     f.assert_state("web1", "failback_commit_pending");
     assert_eq!(f.power("web1", Some("h1")), "running");
     assert_eq!(f.power("web1", Some("r1")), "stopped");
