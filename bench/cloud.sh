@@ -407,17 +407,6 @@ cat "$results"
 echo "(written to $results and $OUT/cloud-results.md; raw numbers in $MEAS, log in $LOG)" >&2
 
 if [ "$update_docs" -eq 1 ]; then
-    python3 - "$ROOT/docs/benchmarks.md" "$results" <<'PY'
-import re, sys
-doc, res = sys.argv[1], sys.argv[2]
-text = open(doc).read()
-body = open(res).read().rstrip("\n")
-new, n = re.subn(r"<!-- cloud-results -->.*?<!-- /cloud-results -->",
-                 lambda _: "<!-- cloud-results -->\n" + body + "\n<!-- /cloud-results -->", text, flags=re.S)
-if n != 1:
-    sys.exit(f"error: {doc} has no <!-- cloud-results --> ... <!-- /cloud-results --> block")
-open(doc, "w").write(new)
-print(f"updated {doc}", file=sys.stderr)
-PY
+    fpy splice-docs "$ROOT/docs/benchmarks.md" "$results" cloud-results
 fi
 success=1

@@ -338,17 +338,6 @@ cat "$results"
 echo "(written to $results and $OUT/results.md; raw numbers in $MEAS, log in $LOG)" >&2
 
 if [ "$update_docs" -eq 1 ]; then
-    python3 - "$ROOT/docs/benchmarks.md" "$results" <<'PY'
-import re, sys
-doc, res = sys.argv[1], sys.argv[2]
-text = open(doc).read()
-body = open(res).read().rstrip("\n")
-new, n = re.subn(r"<!-- results -->.*?<!-- /results -->",
-                 lambda _: "<!-- results -->\n" + body + "\n<!-- /results -->", text, flags=re.S)
-if n != 1:
-    sys.exit(f"error: {doc} has no <!-- results --> ... <!-- /results --> block")
-open(doc, "w").write(new)
-print(f"updated {doc}", file=sys.stderr)
-PY
+    py splice-docs "$ROOT/docs/benchmarks.md" "$results" results
 fi
 success=1

@@ -7,6 +7,9 @@ field extraction and the Markdown report. Standard library only.
   failback_helpers.py mutate FILE PCT SEED [BLOCK]   change PCT% of BLOCK-sized blocks; prints changed bytes
   failback_helpers.py json PATH < doc.json           e.g. disks.0.path ; prints "" for a missing key
   failback_helpers.py report MEASUREMENTS_FILE       Markdown table + target checks on stdout
+  failback_helpers.py splice-docs DOC RESULTS MARKER [SECTION]
+        replace the block between <!-- MARKER --> and <!-- /MARKER --> in DOC with RESULTS;
+        without the markers: append "## SECTION" holding them when SECTION is given, else fail
 """
 
 import json
@@ -392,6 +395,20 @@ def report(path: str) -> str:
     return "\n".join(out)
 
 
+def splice_docs(doc: str, results: str, marker: str, section: str = "") -> None:
+    text = open(doc).read()
+    body = open(results).read().rstrip("\n")
+    block = f"<!-- {marker} -->\n{body}\n<!-- /{marker} -->"
+    pattern = f"<!-- {re.escape(marker)} -->.*?<!-- /{re.escape(marker)} -->"
+    new, n = re.subn(pattern, lambda _: block, text, flags=re.S)
+    if n == 0 and section:
+        new = text.rstrip("\n") + f"\n\n## {section}\n\n" + block + "\n"
+    elif n != 1:
+        sys.exit(f"error: {doc} has {n} <!-- {marker} --> ... <!-- /{marker} --> blocks, expected one")
+    open(doc, "w").write(new)
+    print(f"updated {doc}", file=sys.stderr)
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -408,6 +425,8 @@ def main(argv):
         print(json_get(argv[2]))
     elif cmd == "report":
         print(report(argv[2]))
+    elif cmd == "splice-docs" and len(argv) in (5, 6):
+        splice_docs(argv[2], argv[3], argv[4], argv[5] if len(argv) == 6 else "")
     else:
         print(__doc__, file=sys.stderr)
         return 2

@@ -468,19 +468,6 @@ cat "$results"
 echo "(written to $results and $OUT/qemu-results.md; raw numbers in $MEAS, job JSON in $JOBS, log in $LOG)" >&2
 
 if [ "$update_docs" -eq 1 ]; then
-    python3 - "$ROOT/docs/benchmarks.md" "$results" <<'PY'
-import re, sys
-doc, res = sys.argv[1], sys.argv[2]
-text = open(doc).read()
-body = open(res).read().rstrip("\n")
-block = "<!-- qemu-results -->\n" + body + "\n<!-- /qemu-results -->"
-new, n = re.subn(r"<!-- qemu-results -->.*?<!-- /qemu-results -->", lambda _: block, text, flags=re.S)
-if n == 0:
-    new = text.rstrip("\n") + "\n\n## Change-tracked failback on QEMU\n\n" + block + "\n"
-elif n > 1:
-    sys.exit(f"error: {doc} has {n} <!-- qemu-results --> blocks")
-open(doc, "w").write(new)
-print(f"updated {doc}", file=sys.stderr)
-PY
+    fpy splice-docs "$ROOT/docs/benchmarks.md" "$results" qemu-results "Change-tracked failback on QEMU"
 fi
 success=1
