@@ -434,6 +434,21 @@ impl Engine {
         self.map_dir(vm, copy).join(format!("disk{disk}.journal"))
     }
 
+    /// The map of a copy's disk when one exists and fits a disk of `size` bytes in blocks of
+    /// `block_size` (a map of another shape describes nothing about this disk).
+    fn load_fitting_map(
+        &self,
+        vm: &str,
+        copy: Copy,
+        disk: u32,
+        size: u64,
+        block_size: u64,
+    ) -> Result<Option<BlockMap>> {
+        Ok(self
+            .load_map(vm, copy, disk)?
+            .filter(|m| m.size == size && m.block_size == block_size))
+    }
+
     /// The map file of a copy's disk with its journal applied, if one exists.
     fn load_map(&self, vm: &str, copy: Copy, disk: u32) -> Result<Option<BlockMap>> {
         let p = self.map_path(vm, copy, disk);

@@ -575,8 +575,13 @@ impl Engine {
             let vd = view_disk(&view, disk.index)?;
             let base = match &known {
                 Some(_) => self
-                    .load_map(&item.vm, Copy::Primary, disk.index)?
-                    .filter(|m| m.size == disk.size && m.block_size == item.block_size)
+                    .load_fitting_map(
+                        &item.vm,
+                        Copy::Primary,
+                        disk.index,
+                        disk.size,
+                        item.block_size,
+                    )?
                     .map(Arc::new),
                 None => None,
             };
@@ -1282,8 +1287,7 @@ impl Engine {
         for d in &tinfo.disks {
             let inconsistent_by_us = !d.consistent && known_host;
             let map = if known_host {
-                self.load_map(vm, Copy::Primary, d.index)?
-                    .filter(|m| m.size == d.size && m.block_size == item.block_size)
+                self.load_fitting_map(vm, Copy::Primary, d.index, d.size, item.block_size)?
             } else {
                 None
             };
@@ -1299,25 +1303,9 @@ impl Engine {
                 // An interrupted sync of ours: its journal keeps the map exact.
             } else if let Some(view) = &view {
                 let vd = view_disk(view, d.index)?;
-                match known_source(run, vd, map.map(Arc::new).as_ref(), false, &thost.name) {
-                    Some(k) if k.changed.is_empty() => {}
-                    ks => {
-                        run.begin_step("prepare primary VM", d.size);
-                        let scanned = pass(
-                            &run.ctx,
-                            PassSpec {
-                                src: vd.dev.as_ref(),
-                                block_size: item.block_size,
-                                target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
-                                store: None,
-                                hasher: self.item_hasher(&item.vm)?,
-                                write: None,
-                                crosses_sites: false,
-                                known: ks,
-                            },
-                        )?;
-                        self.save_map(vm, Copy::Primary, d.index, &scanned.map)?;
-                    }
+                let rescan = || run.begin_step("prepare primary VM", d.size);
+                if let Some(m) = self.rescan_changed(run, item, vd, map, &thost.name, rescan)? {
+                    self.save_map(vm, Copy::Primary, d.index, &m)?;
                 }
             }
         }
@@ -1371,8 +1359,7 @@ impl Engine {
         for d in &rinfo.disks {
             let vd = view_disk(&view, d.index)?;
             let base = self
-                .load_map(vm, Copy::Recovery, d.index)?
-                .filter(|m| m.size == d.size && m.block_size == block_size)
+                .load_fitting_map(vm, Copy::Recovery, d.index, d.size, block_size)?
                 .map(Arc::new);
             let ks = known_source(run, vd, base.as_ref(), verify, &rinfo.host);
             let target = self
@@ -1532,6 +1519,41 @@ impl Engine {
         Ok(())
     }
 
+    /// What a target disk holds now, given its map at its change mark (`map`): `None` when
+    /// change tracking proves the map still exact, else the map re-hashed from the view —
+    /// only the changed ranges when tracking knows them, every block otherwise. `on_rescan`
+    /// runs before any reading.
+    fn rescan_changed(
+        &self,
+        run: &JobRun,
+        item: &ProtectedItem,
+        vd: &ViewDisk,
+        map: Option<BlockMap>,
+        host: &str,
+        on_rescan: impl FnOnce(),
+    ) -> Result<Option<BlockMap>> {
+        let size = vd.dev.size();
+        let ks = known_source(run, vd, map.map(Arc::new).as_ref(), false, host);
+        if ks.as_ref().is_some_and(|k| k.changed.is_empty()) {
+            return Ok(None);
+        }
+        on_rescan();
+        let scanned = pass(
+            &run.ctx,
+            PassSpec {
+                src: vd.dev.as_ref(),
+                block_size: item.block_size,
+                target: Arc::new(BlockMap::unknown(size, item.block_size)),
+                store: None,
+                hasher: self.item_hasher(&item.vm)?,
+                write: None,
+                crosses_sites: false,
+                known: ks,
+            },
+        )?;
+        Ok(Some(scanned.map))
+    }
+
     /// Uploads blocks of `maps` that the store lacks, reading them from the stopped recovery VM.
     fn fill_store(
         &self,
@@ -1623,8 +1645,7 @@ impl Engine {
             let target = match (tinfo, &tview) {
                 (Some(t), Some(tview)) => {
                     let map = if known_host {
-                        self.load_map(vm, Copy::Primary, d.index)?
-                            .filter(|m| m.size == d.size && m.block_size == item.block_size)
+                        self.load_fitting_map(vm, Copy::Primary, d.index, d.size, item.block_size)?
                     } else {
                         None
                     };
@@ -1633,29 +1654,11 @@ impl Engine {
                     let vd = view_disk(tview, d.index)?;
                     match map {
                         Some(m) if !disk_consistent && known_host => m,
-                        Some(m) if vd.changes == Changes::Ranges(vec![]) => m,
                         map => {
-                            let ks = known_source(
-                                &run,
-                                vd,
-                                map.map(Arc::new).as_ref(),
-                                false,
-                                &thost.name,
-                            );
-                            pass(
-                                &run.ctx,
-                                PassSpec {
-                                    src: vd.dev.as_ref(),
-                                    block_size: item.block_size,
-                                    target: Arc::new(BlockMap::unknown(d.size, item.block_size)),
-                                    store: None,
-                                    hasher: self.item_hasher(&item.vm)?,
-                                    write: None,
-                                    crosses_sites: false,
-                                    known: ks,
-                                },
-                            )?
-                            .map
+                            let known = map.clone();
+                            self.rescan_changed(&run, item, vd, map, &thost.name, || {})?
+                                .or(known)
+                                .ok_or_else(|| anyhow!("internal: no map of disk {}", d.index))?
                         }
                     }
                 }
@@ -1668,8 +1671,7 @@ impl Engine {
             };
             let vd = view_disk(&rview, d.index)?;
             let base = self
-                .load_map(vm, Copy::Recovery, d.index)?
-                .filter(|m| m.size == d.size && m.block_size == item.block_size)
+                .load_fitting_map(vm, Copy::Recovery, d.index, d.size, item.block_size)?
                 .map(Arc::new);
             let ks = known_source(&run, vd, base.as_ref(), false, &rinfo.host);
             let r = pass(

@@ -156,31 +156,13 @@ impl Hypervisor for DirDriver {
         crate::check_root(&self.host)
     }
 
-    fn list_vms(&self) -> Result<Vec<VmInfo>> {
-        self.check_connected()?;
-        let mut out = Vec::new();
-        for name in crate::vm_names(&self.host)? {
-            if let Some(vm) = self.read(&name)? {
-                out.push(self.info(&vm)?);
-            }
-        }
-        Ok(out)
-    }
-
     fn get_vm(&self, name: &str) -> Result<Option<VmInfo>> {
         self.check_connected()?;
         self.read(name)?.map(|v| self.info(&v)).transpose()
     }
 
     fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
-        self.check_connected()?;
-        self.check_switches(&spec.nics)?;
-        if spec.disks.is_empty() {
-            return Err(HvError::Invalid(format!(
-                "VM {} needs at least one disk",
-                spec.name
-            )));
-        }
+        self.check_spec(spec)?;
         let dir = self.vm_dir(&spec.name)?;
         if is_vm_dir(&dir) {
             return Err(HvError::VmExists {

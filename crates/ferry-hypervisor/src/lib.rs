@@ -319,8 +319,17 @@ pub trait Hypervisor: Send + Sync {
     fn host(&self) -> &Host;
     /// Fails with [`HvError::NotConnected`] when the host cannot be used.
     fn check_connected(&self) -> Result<()>;
-    /// Every VM on the host.
-    fn list_vms(&self) -> Result<Vec<VmInfo>>;
+    /// Every VM on the host (the VM folders under its root, by name).
+    fn list_vms(&self) -> Result<Vec<VmInfo>> {
+        self.check_connected()?;
+        let mut out = Vec::new();
+        for name in vm_names(self.host())? {
+            if let Some(vm) = self.get_vm(&name)? {
+                out.push(vm);
+            }
+        }
+        Ok(out)
+    }
     /// One VM, if it exists.
     fn get_vm(&self, name: &str) -> Result<Option<VmInfo>>;
     /// Creates a stopped VM with zeroed disks.
@@ -408,6 +417,20 @@ pub trait Hypervisor: Send + Sync {
             ferry_model::DriverKind::Dir => &["raw"],
             ferry_model::DriverKind::Qemu => &["qcow2"],
         }
+    }
+
+    /// Checks what every driver needs before creating `spec`: a connected host, its switches,
+    /// at least one disk.
+    fn check_spec(&self, spec: &VmSpec) -> Result<()> {
+        self.check_connected()?;
+        self.check_switches(&spec.nics)?;
+        if spec.disks.is_empty() {
+            return Err(HvError::Invalid(format!(
+                "VM {} needs at least one disk",
+                spec.name
+            )));
+        }
+        Ok(())
     }
 
     /// Checks that every switch in `switches` exists on the host.

@@ -882,31 +882,13 @@ impl Hypervisor for QemuDriver {
         crate::check_root(&self.host)
     }
 
-    fn list_vms(&self) -> Result<Vec<VmInfo>> {
-        self.check_connected()?;
-        let mut out = Vec::new();
-        for name in crate::vm_names(&self.host)? {
-            if let Some(vm) = self.read(&name)? {
-                out.push(self.info(&vm)?);
-            }
-        }
-        Ok(out)
-    }
-
     fn get_vm(&self, name: &str) -> Result<Option<VmInfo>> {
         self.check_connected()?;
         self.read(name)?.map(|v| self.info(&v)).transpose()
     }
 
     fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
-        self.check_connected()?;
-        self.check_switches(&spec.nics)?;
-        if spec.disks.is_empty() {
-            return Err(HvError::Invalid(format!(
-                "VM {} needs at least one disk",
-                spec.name
-            )));
-        }
+        self.check_spec(spec)?;
         if let Some(s) = spec.disks.iter().find(|&&s| s == 0) {
             return Err(HvError::Invalid(format!(
                 "VM {}: a disk of {s} bytes cannot be created; give every disk a size",

@@ -431,10 +431,13 @@ impl QemuDriver {
         let nodes = running_bitmaps(&mut q)?;
         let id = view_id();
         let mut disks: Vec<RunningDisk> = Vec::new();
+        // One generation for every disk, after each disk's present ones.
+        let mut g = 0;
         for d in &vm.disks {
             let node = format!("disk{}", d.index);
             let info = nodes.iter().find(|(n, _)| *n == node).map(|(_, v)| v);
             let present = info.map(states_of_node).unwrap_or_default();
+            g = g.max(next_generation(&present, now_micros()));
             let size = info
                 .and_then(|v| v["image"]["virtual-size"].as_u64())
                 .unwrap_or(d.size);
@@ -452,18 +455,6 @@ impl QemuDriver {
                 fleece,
             });
         }
-        let g = disks
-            .iter()
-            .map(|d| {
-                let present = nodes
-                    .iter()
-                    .find(|(n, _)| *n == d.node)
-                    .map(|(_, v)| states_of_node(v))
-                    .unwrap_or_default();
-                next_generation(&present, now_micros())
-            })
-            .max()
-            .unwrap_or_else(now_micros);
         let next = format!("{PREFIX}{g}");
         // Everything created from here on is undone by `undo` if the view cannot be opened.
         let created: Vec<(String, String, PathBuf, String, String)> = disks
