@@ -11,7 +11,9 @@
 #               `ferry failover --unplanned` (full download: the recovery VM restored from the
 #               store), against a plain client (Python azure-storage-blob) putting and getting the
 #               same disk bytes in 16 MiB objects (ferry's pack size) on the same Azurite server,
-#               with 1 and 8 threads. Target: ferry ≥ 80% of the best plain throughput.
+#               with 1 and 8 threads; AZ_REPEAT rounds, alternating who goes first, each
+#               contender on a fresh Azurite; medians. Target: ferry ≥ 80% of the best plain
+#               throughput.
 #   encryption: on the local store (file://), `protect` and `failover --unplanned` with and without
 #               `--key` (fresh homes, ENC_REPEAT runs each, alternating; medians).
 #               Target: with key ≤ 1.15× the time without.
@@ -30,8 +32,11 @@
 #   SIZE (1GiB)  SEED (42)  OUT (bench/out)  FERRY (path to a ferry binary; implies --no-build)
 #   FERRY_LABEL (what the report names as the code measured; default: the commit, and whether the
 #   work tree had uncommitted Rust changes when this script built it)
-#   PLAIN_THREADS ("1 8")  OBJ (16MiB)  ENC_REPEAT (5)  AZ_PORT (a free port; not 10000)
+#   PLAIN_THREADS ("1 8")  OBJ (16MiB)  ENC_REPEAT (9)  AZ_PORT (a free port; not 10000)
+#   AZ_REPEAT (3: rounds of ferry and the plain client through Azurite, alternating; medians)
 #   FERRY_THREADS (empty: ferry's default --threads, the number of cores)
+#   DATASETS ("mixed random"; a subset to measure one disk)
+#   FERRY_LOG (passed to ferry: e.g. `ferry=debug` puts every timed section in the log)
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,7 +47,8 @@ SIZE=${SIZE:-1GiB}
 SEED=${SEED:-42}
 PLAIN_THREADS=${PLAIN_THREADS:-1 8}
 OBJ=${OBJ:-16MiB}
-ENC_REPEAT=${ENC_REPEAT:-5}
+ENC_REPEAT=${ENC_REPEAT:-9}
+AZ_REPEAT=${AZ_REPEAT:-3}
 AZ_PORT=${AZ_PORT:-}
 FERRY_THREADS=${FERRY_THREADS:-}
 FERRY_BIN=${FERRY:-}
@@ -52,7 +58,7 @@ SDK_VERSION=12.31.1 # azure-storage-blob, pinned
 build=1
 keep=0
 update_docs=0
-datasets="mixed random"
+datasets="${DATASETS:-mixed random}"
 [ -n "$FERRY_BIN" ] && build=0
 
 for arg in "$@"; do
@@ -242,31 +248,60 @@ protect_and_restore() {
     record "${p}identical" "$(same "$rec" "$ref")"
 }
 
-# azure_round DATASET REF
-azure_round() {
-    local d=$1 ref=$2 t k out
-    local container="ferry-bench-$d-$$" p="az_${d}_"
-    say "[$d] Azurite: ferry protect into az://$container, then failover --unplanned"
-    new_home "az-$d" "az://$container" "$ref"
+# azure_ferry DATASET REF ROUND : ferry's protect + restore through a fresh Azurite.
+azure_ferry() {
+    local d=$1 ref=$2 r=$3 out
+    local container="ferry-bench-$d-$$-$r" p="az_${d}_"
+    start_azurite
+    say "[$d] round $r: ferry protect into az://$container, then failover --unplanned"
+    new_home "az-$d-$r" "az://$container" "$ref"
     protect_and_restore "$p" "$ref"
     out=$(cpy stored "$AZ_URL" "$container" packs/)
     record "${p}stored_pack_bytes" "$(sed -n 's/^bytes=//p' <<<"$out")"
     record "${p}stored_packs" "$(sed -n 's/^objects=//p' <<<"$out")"
-    say "[$d] ferry protect $(last "${p}protect_s")s ($(last "${p}protect_transferred") bytes transferred), restore $(last "${p}restore_s")s, identical: $(last "${p}identical")"
+    say "[$d] round $r: ferry protect $(last "${p}protect_s")s ($(last "${p}protect_transferred") bytes transferred), restore $(last "${p}restore_s")s, identical: $(last "${p}identical")"
     [ "$keep" -eq 1 ] || rm -rf "$FHOME"
-    for t in $PLAIN_THREADS; do
-        say "[$d] plain client: put + get of $SIZE in $OBJ objects, $t thread(s)"
-        echo "+ plain $t threads" >>"$LOG"
-        out=$(cpy plain "$AZ_URL" "plain-$d-$$" "$ref" "$OBJ" "$t" "" "$AZ_PID" 2>>"$LOG")
-        for k in put_s get_s getfile_s put_cpu get_cpu getfile_cpu put_server_cpu get_server_cpu getfile_server_cpu; do
-            record "${p}plain${t}_$k" "$(sed -n "s/^$k=//p" <<<"$out")"
-        done
-        record "${p}plain${t}_bytes" "$(sed -n 's/^bytes=//p' <<<"$out")"
-        record "${p}plain${t}_objects" "$(sed -n 's/^objects=//p' <<<"$out")"
-        say "[$d] plain $t thread(s): put $(last "${p}plain${t}_put_s")s, get $(last "${p}plain${t}_get_s")s"
-    done
-    cpy clear "$AZ_URL" "plain-$d-$$" >>"$LOG" 2>&1
     cpy clear "$AZ_URL" "$container" >>"$LOG" 2>&1
+    stop_azurite
+}
+
+# azure_plain DATASET REF THREADS ROUND : the plain client's put + gets through a fresh Azurite.
+azure_plain() {
+    local d=$1 ref=$2 t=$3 r=$4 k out p="az_${d}_" src="$WORK/plain-src.img"
+    start_azurite
+    # The same preparation as ferry's VM disk (a fresh full copy of the reference, synced) right
+    # before the measured transfer: both contenders meet the same page cache and free memory.
+    cp --sparse=never "$ref" "$src"
+    sync
+    say "[$d] round $r: plain client: put + get of $SIZE in $OBJ objects, $t thread(s)"
+    echo "+ plain $t threads" >>"$LOG"
+    out=$(cpy plain "$AZ_URL" "plain-$d-$$" "$src" "$OBJ" "$t" "" "$AZ_PID" 2>>"$LOG")
+    rm -f "$src"
+    for k in put_s get_s getfile_s put_cpu get_cpu getfile_cpu put_server_cpu get_server_cpu getfile_server_cpu; do
+        record "${p}plain${t}_$k" "$(sed -n "s/^$k=//p" <<<"$out")"
+    done
+    record "${p}plain${t}_bytes" "$(sed -n 's/^bytes=//p' <<<"$out")"
+    record "${p}plain${t}_objects" "$(sed -n 's/^objects=//p' <<<"$out")"
+    say "[$d] round $r: plain $t thread(s): put $(last "${p}plain${t}_put_s")s, get $(last "${p}plain${t}_get_s")s"
+    cpy clear "$AZ_URL" "plain-$d-$$" >>"$LOG" 2>&1
+    stop_azurite
+}
+
+# azure_round DATASET REF : AZ_REPEAT rounds of ferry and the plain client, each contender on
+# its own fresh, warmed-up, empty Azurite (a server holding a GiB more runs measurably slower,
+# so sharing one would favour whoever goes first), the order alternating between rounds. Every
+# round records the same keys again; the report takes medians.
+azure_round() {
+    local d=$1 ref=$2 r t
+    for r in $(seq "$AZ_REPEAT"); do
+        if [ $((r % 2)) -eq 1 ]; then
+            azure_ferry "$d" "$ref" "$r"
+            for t in $PLAIN_THREADS; do azure_plain "$d" "$ref" "$t" "$r"; done
+        else
+            for t in $PLAIN_THREADS; do azure_plain "$d" "$ref" "$t" "$r"; done
+            azure_ferry "$d" "$ref" "$r"
+        fi
+    done
 }
 
 # enc_round DATASET REF : ENC_REPEAT × (without key, with key), alternating the order.
@@ -318,9 +353,9 @@ if [ "$avail" -lt "$need" ]; then
     echo "error: $OUT has $((avail / 1048576)) MiB free, the benchmark needs about $((need / 1048576)) MiB" >&2
     exit 1
 fi
-# Azurite keeps blobs in memory: ferry's packs plus one plain copy at a time.
+# Azurite keeps blobs in memory: one contender's copy at a time (a fresh server for each).
 mem_need=$((size_bytes * 3 + 1073741824))
-mem_avail=$(awk '/^MemAvailable/ { print $2 * 1024 }' /proc/meminfo)
+mem_avail=$(awk '/^MemAvailable/ { printf "%.0f\n", $2 * 1024 }' /proc/meminfo)
 if [ "$mem_avail" -lt "$mem_need" ]; then
     echo "error: $((mem_avail / 1048576)) MiB of memory available, Azurite (in memory) needs about $((mem_need / 1048576)) MiB" >&2
     exit 1
@@ -349,6 +384,7 @@ record obj_bytes "$obj_bytes"
 record plain_threads "$PLAIN_THREADS"
 record datasets "$datasets"
 record enc_repeat "$ENC_REPEAT"
+record az_repeat "$AZ_REPEAT"
 record date "$(date -u +%Y-%m-%dT%H:%MZ)"
 record cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
 record cores "$(nproc)"
@@ -387,12 +423,11 @@ for d in $datasets; do
     else
         cpy rand "$ref" "$SIZE" "$SEED" 2>>"$LOG"
     fi
-    # A fresh (empty) Azurite for each disk, stopped before the local rounds so that neither its
-    # memory nor its background work (extent garbage collection) lingers into them.
+    # A fresh (empty) Azurite for each contender (azure_round starts and stops them), so that
+    # every put starts on the same server state and no server's memory or background work
+    # (extent garbage collection) lingers into the local rounds.
     say "[$d] Azurite on $AZ_URL (services dir $SVC_DIR)"
-    start_azurite
     azure_round "$d" "$ref"
-    stop_azurite
     AZ_PID=
     enc_round "$d" "$ref"
     [ "$keep" -eq 1 ] || rm -f "$ref"

@@ -219,8 +219,37 @@ DATASETS = {
 }
 
 
+def load_runs(path: str) -> dict:
+    """Every value recorded under each key, in order (a key recorded once per round)."""
+    runs = {}
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if "=" in line:
+                k, v = line.split("=", 1)
+                runs.setdefault(k, []).append(v)
+    return runs
+
+
+def med(runs, key):
+    """The median of the numbers recorded under key (one per round), or None."""
+    vals = []
+    for v in runs.get(key, []):
+        try:
+            vals.append(float(v))
+        except ValueError:
+            pass
+    return statistics.median(vals) if vals else None
+
+
+def fmt_runs(runs, key):
+    vals = [v for v in runs.get(key, []) if v]
+    return " ".join(f"{float(v):.2f}" for v in vals) if len(vals) > 1 else "–"
+
+
 def report(path: str) -> str:
     m = load(path)
+    runs = load_runs(path)
     size = num(m, "size_bytes")
     threads = m.get("plain_threads", "1 8").split()
     datasets = [d for d in m.get("datasets", "mixed random").split() if d in DATASETS]
@@ -238,7 +267,9 @@ def report(path: str) -> str:
         f"plain client: Python {m.get('python_version', '?')} azure-storage-blob "
         f"{m.get('sdk_version', '?')}, {fmt_bytes(num(m, 'obj_bytes'))} objects (one Put Blob / one GET "
         f"each), {' and '.join(threads)} threads; ferry: `--threads` {m.get('ferry_threads', '?')} "
-        f"(its default: one per core), one run per step"
+        f"(its default: one per core); {m.get('az_repeat', '1')} rounds through Azurite, each "
+        f"contender (ferry's protect + restore, the plain client at each thread count) on its own "
+        f"fresh Azurite, who goes first alternating; the table shows medians and every round's seconds"
     )
     out.append(
         "- throughput: *effective* = disk size ÷ seconds; *wire* = bytes that crossed the HTTP "
@@ -251,38 +282,44 @@ def report(path: str) -> str:
 
     out.append("#### Through Azurite: ferry vs a plain client on the same server and the same bytes")
     out.append("")
-    out.append("| data | what | seconds | wire bytes | effective | wire | client CPU | Azurite CPU | peak RSS |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    out.append(
+        "| data | what | seconds (median) | wire bytes | effective | wire | client CPU | Azurite CPU | "
+        "peak RSS | every round (s) |"
+    )
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     targets = []
     for d in datasets:
         p = f"az_{d}_"
-        ps, fs = num(m, p + "protect_s"), num(m, p + "restore_s")
-        pt, stored_b = num(m, p + "protect_transferred"), num(m, p + "stored_pack_bytes")
+        ps, fs = med(runs, p + "protect_s"), med(runs, p + "restore_s")
+        pt, stored_b = med(runs, p + "protect_transferred"), med(runs, p + "stored_pack_bytes")
         if ps is None and fs is None:
             continue
         out.append(
             f"| {d} | ferry `protect` → az:// | {fmt_s(ps)} | {fmt_bytes(pt)} | "
-            f"{fmt_mibs(mibs(size, ps))} | {fmt_mibs(mibs(pt, ps))} | {fmt_cpu(num(m, p + 'protect_cpu'))} | "
-            f"{fmt_cpu(num(m, p + 'protect_server_cpu'))} | {fmt_rss(num(m, p + 'protect_rss'))} |"
+            f"{fmt_mibs(mibs(size, ps))} | {fmt_mibs(mibs(pt, ps))} | {fmt_cpu(med(runs, p + 'protect_cpu'))} | "
+            f"{fmt_cpu(med(runs, p + 'protect_server_cpu'))} | {fmt_rss(med(runs, p + 'protect_rss'))} | "
+            f"{fmt_runs(runs, p + 'protect_s')} |"
         )
         out.append(
             f"| {d} | ferry `failover --unplanned` (restore) | {fmt_s(fs)} | {fmt_bytes(stored_b)} | "
-            f"{fmt_mibs(mibs(size, fs))} | {fmt_mibs(mibs(stored_b, fs))} | {fmt_cpu(num(m, p + 'restore_cpu'))} | "
-            f"{fmt_cpu(num(m, p + 'restore_server_cpu'))} | {fmt_rss(num(m, p + 'restore_rss'))} |"
+            f"{fmt_mibs(mibs(size, fs))} | {fmt_mibs(mibs(stored_b, fs))} | {fmt_cpu(med(runs, p + 'restore_cpu'))} | "
+            f"{fmt_cpu(med(runs, p + 'restore_server_cpu'))} | {fmt_rss(med(runs, p + 'restore_rss'))} | "
+            f"{fmt_runs(runs, p + 'restore_s')} |"
         )
         best_put = best_get = best_file = None
         labels = {"put": "put", "get": "get (data discarded)", "getfile": "get → file + fsync"}
         for t in threads:
-            b = num(m, f"{p}plain{t}_bytes")
+            b = med(runs, f"{p}plain{t}_bytes")
             for op in ("put", "get", "getfile"):
-                s = num(m, f"{p}plain{t}_{op}_s")
+                s = med(runs, f"{p}plain{t}_{op}_s")
                 v = mibs(b, s)
                 if s is None:
                     continue
                 out.append(
                     f"| {d} | plain {labels[op]}, {t} thread{'s' if t != '1' else ''} | {fmt_s(s)} | {fmt_bytes(b)} | "
-                    f"{fmt_mibs(v)} | {fmt_mibs(v)} | {fmt_cpu(num(m, f'{p}plain{t}_{op}_cpu'))} | "
-                    f"{fmt_cpu(num(m, f'{p}plain{t}_{op}_server_cpu'))} | – |"
+                    f"{fmt_mibs(v)} | {fmt_mibs(v)} | {fmt_cpu(med(runs, f'{p}plain{t}_{op}_cpu'))} | "
+                    f"{fmt_cpu(med(runs, f'{p}plain{t}_{op}_server_cpu'))} | – | "
+                    f"{fmt_runs(runs, f'{p}plain{t}_{op}_s')} |"
                 )
                 if v is not None:
                     if op == "put" and (best_put is None or v > best_put[0]):
@@ -291,31 +328,54 @@ def report(path: str) -> str:
                         best_get = (v, t)
                     if op == "getfile" and (best_file is None or v > best_file[0]):
                         best_file = (v, t)
+        # The target compares moving the same disk: ferry's disk bytes per second against the
+        # plain client's (which sends the disk's bytes as they are). On incompressible data the two
+        # sides put the same bytes on the wire; on compressible data ferry sends fewer, and its
+        # wire rate (shown for context) also pays for the compression on the shared cores.
+        fe, re_ = mibs(size, ps), mibs(size, fs)
         fw, rw = mibs(pt, ps), mibs(stored_b, fs)
-        if fw is not None and best_put:
+        if fe is not None and best_put:
             targets.append((
                 f"replication through Azurite ≥ 80% of the plain client's put ({d})",
-                f"ferry wire {fw:.0f} MiB/s ÷ plain put {best_put[0]:.0f} MiB/s ({best_put[1]} thr.) = "
-                f"{100 * fw / best_put[0]:.0f}%",
-                fw / best_put[0] >= 0.8,
+                f"ferry {fe:.0f} MiB/s of disk ÷ plain put {best_put[0]:.0f} MiB/s ({best_put[1]} thr.) = "
+                f"{100 * fe / best_put[0]:.0f}%",
+                fe / best_put[0] >= 0.8,
             ))
-        if rw is not None and best_file:
+        if fw is not None and best_put and pt != size:
             targets.append((
-                f"full download through Azurite ≥ 80% of the plain client's get into a file ({d})",
-                f"ferry restore wire {rw:.0f} MiB/s ÷ plain get → file + fsync {best_file[0]:.0f} MiB/s "
-                f"({best_file[1]} thr.) = {100 * rw / best_file[0]:.0f}%",
-                rw / best_file[0] >= 0.8,
-            ))
-        if rw is not None and best_get:
-            targets.append((
-                f"(context) full download vs the plain client's get with the data discarded ({d})",
-                f"ferry restore wire {rw:.0f} MiB/s ÷ plain get {best_get[0]:.0f} MiB/s ({best_get[1]} thr.) = "
-                f"{100 * rw / best_get[0]:.0f}%",
+                f"(context) replication, wire bytes per second ({d})",
+                f"ferry wire {fw:.0f} MiB/s ÷ plain put {best_put[0]:.0f} MiB/s = {100 * fw / best_put[0]:.0f}%",
                 None,
             ))
-        ident = m.get(p + "identical")
-        if ident:
-            targets.append((f"restored disk bit-identical to the source ({d}, Azurite)", ident, ident == "yes"))
+        if re_ is not None and best_file:
+            targets.append((
+                f"full download through Azurite ≥ 80% of the plain client's get into a file ({d})",
+                f"ferry restore {re_:.0f} MiB/s of disk ÷ plain get → file + fsync {best_file[0]:.0f} MiB/s "
+                f"({best_file[1]} thr.) = {100 * re_ / best_file[0]:.0f}%",
+                re_ / best_file[0] >= 0.8,
+            ))
+        if rw is not None and best_file and stored_b != size:
+            targets.append((
+                f"(context) full download, wire bytes per second ({d})",
+                f"ferry restore wire {rw:.0f} MiB/s ÷ plain get → file + fsync {best_file[0]:.0f} MiB/s = "
+                f"{100 * rw / best_file[0]:.0f}%",
+                None,
+            ))
+        if re_ is not None and best_get:
+            targets.append((
+                f"(context) full download vs the plain client's get with the data discarded ({d})",
+                f"ferry restore {re_:.0f} MiB/s ÷ plain get {best_get[0]:.0f} MiB/s ({best_get[1]} thr.) = "
+                f"{100 * re_ / best_get[0]:.0f}%",
+                None,
+            ))
+        idents = runs.get(p + "identical", [])
+        if idents:
+            ident = "yes" if all(i == "yes" for i in idents) else "no"
+            targets.append((
+                f"restored disk bit-identical to the source ({d}, Azurite, every round)",
+                f"{ident} ({len(idents)} of {len(idents)} checked)" if ident == "yes" else " ".join(idents),
+                ident == "yes",
+            ))
     out.append("")
 
     out.append(

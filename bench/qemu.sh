@@ -19,9 +19,11 @@
 #   rsync:   both VMs stopped, `rsync --inplace --no-whole-file` of the recovery qcow2 onto a copy
 #            of the primary qcow2 (REPEAT runs, median)
 # Before each timed run both disk files are read once (CACHE=warm, the default: warm page cache for
-# every contender) or the page cache is dropped (CACHE=cold: `echo 3 > /proc/sys/vm/drop_caches`,
-# needs root; how a failback meets disks that are not in memory); after each ferry round both
-# copies are stopped and compared (`qemu-img compare`, not timed).
+# every contender), or evicted from the page cache (CACHE=cold: `posix_fadvise(DONTNEED)` on both
+# images after a sync; how a failback meets disks bigger than memory or untouched for days, while
+# QEMU's and ferry's programs stay cached as on a host that runs them all day), or the whole page
+# cache is dropped (CACHE=drop: `echo 3 > /proc/sys/vm/drop_caches`, needs root; programs too);
+# after each ferry round both copies are stopped and compared (`qemu-img compare`, not timed).
 # Targets: tracked total ≤ 5% of the scan total; rsync ≥ 20× the tracked total; tracked bytes
 # read ≤ 2% of the disk; phase 2 downtime < 3 s.
 # Results: Markdown on stdout and in bench/out/qemu-results.md (and qemu-results-SIZE.md); every raw
@@ -37,7 +39,7 @@
 #                   section "## Change-tracked failback on QEMU" holding them)
 #   -h, --help      this text
 # Environment:
-#   CACHE (warm): warm or cold page cache before each timed run (see above)
+#   CACHE (warm): warm, cold or drop: the page cache before each timed run (see above)
 #   FINAL_DELTA (10MiB): what the guest writes between phase 1 and `complete` (phase 2's delta)
 #   SIZE (4GiB)  CHANGE_PCT (1)  SEED (42)  OUT (bench/out)  FERRY (path to a ferry binary;
 #   implies --no-build)  REPEAT (1): rsync runs, the median is reported
@@ -60,8 +62,8 @@ REPEAT=${REPEAT:-1}
 CACHE=${CACHE:-warm}
 FINAL_DELTA=${FINAL_DELTA:-10MiB}
 case "$CACHE" in
-    warm | cold) ;;
-    *) echo "error: CACHE=$CACHE: use warm or cold" >&2; exit 2 ;;
+    warm | cold | drop) ;;
+    *) echo "error: CACHE=$CACHE: use warm, cold or drop" >&2; exit 2 ;;
 esac
 FERRY_BIN=${FERRY:-}
 export FERRY_QEMU_ACCEL=${FERRY_QEMU_ACCEL:-tcg}
@@ -227,14 +229,14 @@ timed() {
 }
 
 # Flush dirty pages, then read the files once so every contender starts with a warm page cache
-# (CACHE=cold: drop the page cache instead).
+# (CACHE=cold: evict the files from the page cache instead; CACHE=drop: drop the whole page cache).
 warm() {
     sync
-    if [ "$CACHE" = cold ]; then
-        echo 3 >/proc/sys/vm/drop_caches || die "CACHE=cold needs root (writing /proc/sys/vm/drop_caches)"
-    else
-        cat "$@" >/dev/null
-    fi
+    case "$CACHE" in
+        cold) qpy evict "$@" ;;
+        drop) echo 3 >/proc/sys/vm/drop_caches || die "CACHE=drop needs root (writing /proc/sys/vm/drop_caches)" ;;
+        *) cat "$@" >/dev/null ;;
+    esac
 }
 
 # job_ok JSONFILE STATE : the job JSON in FILE is in STATE, else fail with the JSON

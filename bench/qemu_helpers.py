@@ -15,6 +15,8 @@ field extraction and number formatting come from bench/failback_helpers.py.
                                                      prints "SECONDS CPU_SECONDS" (monotonic clock;
                                                      user + system CPU of CMD and its reaped children);
                                                      exits with CMD's status
+  qemu_helpers.py evict FILE...                      drops FILEs' (clean) pages from the page cache
+                                                     (posix_fadvise DONTNEED; sync first)
   qemu_helpers.py notes < job.json                   the job's notes, joined with " | "
   qemu_helpers.py steps < job.json                   "step=elapsed_ms;..." (steps that report a time)
   qemu_helpers.py json PATH < doc.json               a field, as in failback_helpers.py
@@ -211,6 +213,16 @@ def fill(path: str, size: int, seed: int) -> None:
             left -= n
 
 
+def evict(paths: list) -> None:
+    """Drops the files' pages from the page cache (they must be clean: sync first)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def timed(outfile: str, cmd: list) -> int:
     with open(outfile, "wb") as out:
         t0 = time.monotonic()
@@ -264,7 +276,10 @@ def report(path: str) -> str:
     )
     out.append(
         f"- page cache: {m.get('cache', 'warm')} before every timed run"
-        + (" (dropped with /proc/sys/vm/drop_caches)" if m.get("cache") == "cold" else " (both files read once)")
+        + {
+            "cold": " (both disk images evicted with posix_fadvise DONTNEED; programs stay cached)",
+            "drop": " (dropped with /proc/sys/vm/drop_caches, programs too)",
+        }.get(m.get("cache"), " (both files read once)")
     )
     out.append(
         "- wall-clock seconds (monotonic clock), one ferry run per mode; phase 1 = `ferry failback db` "
@@ -417,6 +432,8 @@ def main(argv):
             print("\n".join(image_bitmaps(args[0])))
         elif cmd == "timed" and len(args) >= 2:
             return timed(args[0], args[1:])
+        elif cmd == "evict" and args:
+            evict(args)
         elif cmd == "notes" and not args:
             print(" | ".join(json.load(sys.stdin).get("notes") or []))
         elif cmd == "steps" and not args:

@@ -10,6 +10,7 @@ mod output;
 fn main() -> ExitCode {
     use clap::Parser;
     let args = cli::Cli::parse();
+    init_logging();
     let json = args.json;
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -23,6 +24,23 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Diagnostics on stderr: warnings by default; `FERRY_LOG` takes a filter such as `debug` or
+/// `ferry_engine=debug,ferry_hypervisor=trace`. At `debug`, every timed section (opening a
+/// snapshot, a copy pass, a QMP command, a helper process) prints its duration when it ends.
+fn init_logging() {
+    use tracing_subscriber::fmt::format::FmtSpan;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_span_events(FmtSpan::CLOSE)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// The default home: `$XDG_DATA_HOME/ferry` or `~/.local/share/ferry`.

@@ -451,6 +451,7 @@ impl Engine {
 
     /// The map file of a copy's disk with its journal applied, if one exists.
     fn load_map(&self, vm: &str, copy: Copy, disk: u32) -> Result<Option<BlockMap>> {
+        let _span = tracing::debug_span!("load_map", ?copy, disk).entered();
         let p = self.map_path(vm, copy, disk);
         if !p.exists() {
             return Ok(None);
@@ -462,6 +463,7 @@ impl Engine {
 
     /// Saves a copy's disk map and empties its journal.
     fn save_map(&self, vm: &str, copy: Copy, disk: u32, m: &BlockMap) -> Result<()> {
+        let _span = tracing::debug_span!("save_map", ?copy, disk).entered();
         std::fs::create_dir_all(self.map_dir(vm, copy))?;
         m.save(&self.map_path(vm, copy, disk))?;
         MapJournal::reset(&self.journal_path(vm, copy, disk))?;

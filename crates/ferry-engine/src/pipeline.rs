@@ -124,6 +124,7 @@ pub struct PassResult {
 /// Runs one pass: reads the source, hashes every block, and moves the differing ones into the
 /// store and/or onto the target disk.
 pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
+    let _span = tracing::debug_span!("pass", tracked = spec.known.is_some()).entered();
     let bs = spec.block_size;
     let size = spec.src.size();
     let nblocks = ferry_blocks::block_count(size, bs);
@@ -616,6 +617,38 @@ fn write_batch(
     Ok(())
 }
 
+/// Fetches one group of blocks of `map` from the store (checked against their hashes) and
+/// writes them onto `dev`, starting writeback of each contiguous run; returns the block count.
+fn restore_group(
+    ctx: &JobCtx,
+    store: &Store,
+    map: &BlockMap,
+    dev: &dyn BlockDevice,
+    group: &[u64],
+) -> Result<usize> {
+    let hashes: Vec<Hash> = group.iter().map(|&i| map.hashes[i as usize]).collect();
+    let blocks = store.read_blocks(&hashes)?;
+    let mut run: Option<(u64, u64)> = None;
+    for (&i, data) in group.iter().zip(&blocks) {
+        let r = map.block_range(i);
+        dev.write_at(r.start, data)?;
+        ctx.add_written(data.len() as u64);
+        ctx.add_step_done(data.len() as u64);
+        run = match run {
+            Some((start, end)) if end == r.start => Some((start, r.end)),
+            Some((start, end)) => {
+                dev.start_writeback(start, end - start);
+                Some((r.start, r.end))
+            }
+            None => Some((r.start, r.end)),
+        };
+    }
+    if let Some((start, end)) = run {
+        dev.start_writeback(start, end - start);
+    }
+    Ok(group.len())
+}
+
 /// Writes the blocks of `map` from the store onto `dev` (a freshly created, zeroed disk),
 /// verifying each block against its hash.
 pub fn restore(
@@ -631,7 +664,7 @@ pub fn restore(
     // Network stores are latency-bound: keep several ranged reads in flight even on few cores.
     let threads = ctx.threads.max(store.upload_parallelism()).max(1);
     let (job_tx, job_rx) = bounded::<Vec<u64>>(threads * 2);
-    let (out_tx, out_rx) = bounded::<Result<Vec<(u64, Vec<u8>)>>>(threads);
+    let (out_tx, out_rx) = bounded::<Result<usize>>(threads);
     std::thread::scope(|s| -> Result<()> {
         let wanted_ref = &wanted;
         s.spawn(move || {
@@ -657,16 +690,14 @@ pub fn restore(
             let job_rx = job_rx.clone();
             let out_tx = out_tx.clone();
             let store = store.clone();
+            // Each worker fetches, checks and writes its own blocks: writing into the page cache
+            // costs about as much CPU as the download, so it must not funnel through one thread.
             s.spawn(move || {
                 for group in job_rx.iter() {
-                    let hashes: Vec<Hash> = group.iter().map(|&i| map.hashes[i as usize]).collect();
-                    let r: Result<Vec<_>> = store
-                        .read_blocks(&hashes)
-                        .map(|blocks| group.iter().copied().zip(blocks).collect())
-                        .map_err(|e| {
-                            let first = group.first().copied().unwrap_or(0);
-                            anyhow::Error::new(e).context(format!("{label}, blocks from {first}"))
-                        });
+                    let r = restore_group(ctx, &store, map, dev, &group).map_err(|e| {
+                        let first = group.first().copied().unwrap_or(0);
+                        e.context(format!("{label}, blocks from {first}"))
+                    });
                     if out_tx.send(r).is_err() {
                         break;
                     }
@@ -678,13 +709,7 @@ pub fn restore(
         let mut done = 0usize;
         let drained = (|| -> Result<()> {
             for r in out_rx.iter() {
-                for (i, data) in r? {
-                    let off = map.block_range(i).start;
-                    dev.write_at(off, &data)?;
-                    ctx.add_written(data.len() as u64);
-                    ctx.add_step_done(data.len() as u64);
-                    done += 1;
-                }
+                done += r?;
             }
             Ok(())
         })();

@@ -634,6 +634,7 @@ impl Engine {
         m: Manifest,
         kind: PointKind,
     ) -> Result<RecoveryPoint> {
+        let _span = tracing::debug_span!("record_point").entered();
         let id = self.vault.next_point_id()?;
         let key = store.put_manifest(vm, id, &m)?;
         let p = RecoveryPoint {
@@ -1387,6 +1388,7 @@ impl Engine {
         }
         // Maps first, then marks: a crash in between leaves older marks, whose changes
         // include everything since the new maps.
+        let _span = tracing::debug_span!("save_maps").entered();
         for (i, m) in maps.iter().enumerate() {
             self.save_map(vm, Copy::Recovery, i as u32, m)?;
         }
@@ -1563,6 +1565,7 @@ impl Engine {
         vm: &str,
         maps: &[BlockMap],
     ) -> Result<()> {
+        let _span = tracing::debug_span!("fill_store").entered();
         let mut w = PackWriter::new(store.clone(), ferry_store::PACK_TARGET);
         let mut comp = zstd::bulk::Compressor::new(1)?;
         for (i, m) in maps.iter().enumerate() {

@@ -266,6 +266,7 @@ impl DiskView {
     /// Closes the disks and the view. `committed`: the caller recorded [`DiskView::marks`], so
     /// tracking older than them can go.
     pub fn close(mut self, committed: bool) -> Result<()> {
+        let _span = tracing::debug_span!("close_view", committed).entered();
         self.disks.clear();
         match self.closer.take() {
             Some(c) => c(committed),

@@ -706,6 +706,7 @@ impl QemuDriver {
 
     /// Opens a disk of a running VM through QEMU's NBD server (read-only).
     fn open_running(&self, vm: &VmFile, d: &DiskFile, p: &VmPaths) -> Result<QemuDisk> {
+        let _span = tracing::debug_span!("nbd_export", disk = d.index).entered();
         self.check_socket_path(&p.nbd)?;
         let qmp_err = |e: QmpError| {
             self.process(
@@ -759,6 +760,7 @@ impl QemuDriver {
         writable: bool,
         bitmaps: &[String],
     ) -> Result<QemuDisk> {
+        let _span = tracing::debug_span!("qemu-nbd", disk = d.index, writable).entered();
         let file = self.disk_path(vm, d)?;
         let base = p.dir.join(unique_name("nbd"));
         let sock = base.with_extension("sock");
@@ -883,6 +885,7 @@ impl Hypervisor for QemuDriver {
     }
 
     fn get_vm(&self, name: &str) -> Result<Option<VmInfo>> {
+        let _span = tracing::debug_span!("get_vm", vm = name).entered();
         self.check_connected()?;
         self.read(name)?.map(|v| self.info(&v)).transpose()
     }
@@ -973,6 +976,7 @@ impl Hypervisor for QemuDriver {
     }
 
     fn start_vm(&self, name: &str) -> Result<()> {
+        let _span = tracing::debug_span!("start_vm", vm = name).entered();
         self.check_connected()?;
         let p = self.paths(name)?;
         let _g = self.lock(&p)?;
@@ -1000,6 +1004,7 @@ impl Hypervisor for QemuDriver {
     }
 
     fn stop_vm(&self, name: &str) -> Result<()> {
+        let _span = tracing::debug_span!("stop_vm", vm = name).entered();
         self.check_connected()?;
         let p = self.paths(name)?;
         let _g = self.lock(&p)?;
@@ -1038,6 +1043,7 @@ impl Hypervisor for QemuDriver {
     }
 
     fn open_disk(&self, name: &str, index: u32, writable: bool) -> Result<Box<dyn BlockDevice>> {
+        let _span = tracing::debug_span!("open_disk", vm = name, index, writable).entered();
         let p = self.paths(name)?;
         let vm = self.must_read(name)?;
         let d = self.disk(&vm, index)?.clone();
@@ -1067,6 +1073,7 @@ impl Hypervisor for QemuDriver {
     }
 
     fn set_disk_consistent(&self, name: &str, index: u32, consistent: bool) -> Result<()> {
+        let _span = tracing::debug_span!("set_disk_consistent", vm = name, index).entered();
         let p = self.paths(name)?;
         let _g = self.lock(&p)?;
         let mut vm = self.must_read(name)?;
@@ -1083,6 +1090,7 @@ impl Hypervisor for QemuDriver {
     }
 
     fn mark_disks(&self, name: &str) -> Result<Vec<Option<ChangeMark>>> {
+        let _span = tracing::debug_span!("mark_disks", vm = name).entered();
         let p = self.paths(name)?;
         let vm = self.must_read(name)?;
         let _g = self.lock(&p)?;
@@ -1094,10 +1102,12 @@ impl Hypervisor for QemuDriver {
     }
 
     fn open_view(&self, name: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {
+        let _span = tracing::debug_span!("open_view", vm = name).entered();
         self.view(name, since, true)
     }
 
     fn peek_view(&self, name: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {
+        let _span = tracing::debug_span!("peek_view", vm = name).entered();
         self.view(name, since, false)
     }
 

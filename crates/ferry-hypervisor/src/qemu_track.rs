@@ -227,6 +227,7 @@ impl QemuDriver {
 
     /// Runs `qemu-img` with `args`, failing with its message.
     fn qemu_img(&self, vm: &str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
+        let _span = tracing::debug_span!("qemu-img", command = ?args.first()).entered();
         let out = Command::new(&self.img)
             .args(args)
             .stdin(Stdio::null())

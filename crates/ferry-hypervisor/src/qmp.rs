@@ -226,6 +226,7 @@ impl Qmp {
     /// Runs `command` with optional `arguments` (a JSON object) and returns its `return` value.
     /// Events that arrive meanwhile are kept for [`Qmp::take_events`].
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let _span = tracing::debug_span!("qmp", command).entered();
         if self.broken {
             return Err(QmpError::Closed {
                 path: self.path.clone(),

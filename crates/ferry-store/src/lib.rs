@@ -131,6 +131,7 @@ impl Store {
 
     /// Opens the store at `url` in the namespace of `key` (plaintext when None).
     pub fn open_with(url: &str, key: Option<&crypto::Key>) -> Result<Self> {
+        let _span = tracing::debug_span!("open_store", url).entered();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -312,7 +313,8 @@ impl Store {
             self.path(&format!("packs/{id:032x}.pack")),
             self.path(&format!("index/{id:032x}.idx")),
         );
-        self.rt.spawn(async move {
+        let span = tracing::debug_span!("pack_upload", bytes = data.len());
+        let upload = async move {
             let fail = |cause| StoreError::Backend {
                 url: url.clone(),
                 cause,
@@ -328,7 +330,8 @@ impl Store {
                 idx.insert(h, loc);
             }
             Ok(())
-        })
+        };
+        self.rt.spawn(tracing::Instrument::instrument(upload, span))
     }
 
     /// Waits for a background upload.

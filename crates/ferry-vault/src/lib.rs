@@ -178,6 +178,7 @@ impl Vault {
 
     /// Opens the vault of an initialized installation.
     pub fn open(home: &Path) -> Result<Self> {
+        let _span = tracing::debug_span!("open_vault").entered();
         let path = home.join(VAULT_FILE);
         if !path.is_file() {
             return Err(VaultError::NotInitialized(home.to_path_buf()));
