@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.dont_write_bytecode = True  # no bench/__pycache__ from importing the sibling module
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from failback_helpers import fmt_bytes, fmt_rss, load, num, parse_size, verdict  # noqa: E402
+from failback_helpers import fmt_bytes, fmt_rss, load, load_runs, num, parse_size, verdict  # noqa: E402
 
 # Azurite's well-known development account (public, documented by Microsoft).
 DEV_ACCOUNT = "devstoreaccount1"
@@ -217,18 +217,6 @@ DATASETS = {
     "mixed": "mixed (~55% random, ~30% text-like, ~15% zero blocks)",
     "random": "random (incompressible)",
 }
-
-
-def load_runs(path: str) -> dict:
-    """Every value recorded under each key, in order (a key recorded once per round)."""
-    runs = {}
-    with open(path) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if "=" in line:
-                k, v = line.split("=", 1)
-                runs.setdefault(k, []).append(v)
-    return runs
 
 
 def med(runs, key):

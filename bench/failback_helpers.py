@@ -158,15 +158,21 @@ def json_get(path: str) -> str:
 # ---------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------
-def load(path: str) -> dict:
-    m = {}
+def load_runs(path: str) -> dict:
+    """Every value recorded under each key of a KEY=VALUE file, in order."""
+    runs = {}
     with open(path) as f:
         for line in f:
             line = line.rstrip("\n")
             if "=" in line:
                 k, v = line.split("=", 1)
-                m[k] = v
-    return m
+                runs.setdefault(k, []).append(v)
+    return runs
+
+
+def load(path: str) -> dict:
+    """The last value recorded under each key."""
+    return {k: v[-1] for k, v in load_runs(path).items()}
 
 
 def num(m, key):
