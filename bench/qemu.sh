@@ -18,11 +18,12 @@
 #            the stopped primary), so ferry cannot trust tracking and hash-scans both disks
 #   rsync:   both VMs stopped, `rsync --inplace --no-whole-file` of the recovery qcow2 onto a copy
 #            of the primary qcow2 (REPEAT runs, median)
-# Before each timed run both disk files are read once (CACHE=warm, the default: warm page cache for
-# every contender), or evicted from the page cache (CACHE=cold: `posix_fadvise(DONTNEED)` on both
-# images after a sync; how a failback meets disks bigger than memory or untouched for days, while
-# QEMU's and ferry's programs stay cached as on a host that runs them all day), or the whole page
-# cache is dropped (CACHE=drop: `echo 3 > /proc/sys/vm/drop_caches`, needs root; programs too);
+# Before each timed run both disk images are evicted from the page cache (CACHE=cold, the default:
+# `posix_fadvise(DONTNEED)` on both after a sync; how a failback meets a primary disk untouched
+# since the failover and a recovery disk bigger than the host's memory, while QEMU's and ferry's
+# programs stay cached as on a host that runs them all day), or read once (CACHE=warm: both 4 GiB
+# images served from memory, which only a host with spare RAM for every disk sees), or the whole
+# page cache is dropped (CACHE=drop: `echo 3 > /proc/sys/vm/drop_caches`, needs root; programs too);
 # after each ferry round both copies are stopped and compared (`qemu-img compare`, not timed).
 # Targets: tracked total ≤ 5% of the scan total; rsync ≥ 20× the tracked total; tracked bytes
 # read ≤ 2% of the disk; phase 2 downtime < 3 s.
@@ -39,7 +40,7 @@
 #                   section "## Change-tracked failback on QEMU" holding them)
 #   -h, --help      this text
 # Environment:
-#   CACHE (warm): warm, cold or drop: the page cache before each timed run (see above)
+#   CACHE (cold): cold, warm or drop: the page cache before each timed run (see above)
 #   FINAL_DELTA (10MiB): what the guest writes between phase 1 and `complete` (phase 2's delta)
 #   SIZE (4GiB)  CHANGE_PCT (1)  SEED (42)  OUT (bench/out)  FERRY (path to a ferry binary;
 #   implies --no-build)  REPEAT (1): rsync runs, the median is reported
@@ -59,7 +60,7 @@ SIZE=${SIZE:-4GiB}
 CHANGE_PCT=${CHANGE_PCT:-1}
 SEED=${SEED:-42}
 REPEAT=${REPEAT:-1}
-CACHE=${CACHE:-warm}
+CACHE=${CACHE:-cold}
 FINAL_DELTA=${FINAL_DELTA:-10MiB}
 case "$CACHE" in
     warm | cold | drop) ;;

@@ -19,6 +19,9 @@ const READERS_SPARSE: usize = 4;
 const WRITERS: usize = 4;
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
+/// Blocks per chunk when change tracking leaves scattered blocks to read: only those are
+/// buffered, so larger chunks cost no memory and cut the per-chunk hand-offs between threads.
+const CHUNK_BLOCKS_SPARSE: u64 = 64;
 /// Bytes of pending target writes collected before they are written out.
 const WRITE_BATCH: usize = 4 << 20;
 /// Longest time between disk flushes (bounds what a crash makes ferry re-send).
@@ -40,7 +43,7 @@ struct ChunkIn {
     seq: u64,
     first: u64,
     n: u64,
-    data: Vec<u8>,
+    data: ChunkData,
     /// False when the chunk lies in a hole (data is empty; every block is zero).
     read: bool,
     /// Per block, its hash when known without reading it (empty: every block was read).
@@ -52,7 +55,42 @@ struct ChunkOut {
     first: u64,
     hashes: Vec<Hash>,
     moved: Vec<Moved>,
-    data: Vec<u8>,
+    data: ChunkData,
+}
+
+/// The bytes read of one chunk: every block at `k * block_size` (dense), or only the blocks
+/// read, one after another (compact, when change tracking leaves a few blocks to read).
+#[derive(Default)]
+struct ChunkData {
+    bytes: Vec<u8>,
+    /// Compact layout: each block's byte range in `bytes`, `None` when not read. Empty: dense.
+    at: Vec<Option<std::ops::Range<usize>>>,
+}
+
+impl ChunkData {
+    /// Block `k`'s bytes, if it was read.
+    fn block(&self, k: u64, bs: u64) -> Option<&[u8]> {
+        if self.at.is_empty() {
+            let s = (k * bs) as usize;
+            let e = (s + bs as usize).min(self.bytes.len());
+            (s < e).then(|| &self.bytes[s..e])
+        } else {
+            self.at
+                .get(k as usize)
+                .cloned()
+                .flatten()
+                .map(|r| &self.bytes[r])
+        }
+    }
+
+    /// Where block `k` starts in `bytes` (blocks read one after another are contiguous).
+    fn offset(&self, k: u64, bs: u64) -> usize {
+        if self.at.is_empty() {
+            (k * bs) as usize
+        } else {
+            self.at[k as usize].as_ref().map_or(0, |r| r.start)
+        }
+    }
 }
 
 /// What a pass over a source disk does with blocks that differ from `target`.
@@ -161,10 +199,24 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         k.changed.sort_unstable();
         k
     });
+    // Readers: one for a full pass (large sequential reads), several when change tracking
+    // leaves scattered blocks to read (latency-bound; the consumer restores the order).
+    // A target that is unknown everywhere (a full download) leaves nothing to skip.
+    let sparse = known.is_some()
+        && !spec
+            .target
+            .hashes
+            .iter()
+            .all(|h| *h == ferry_blocks::UNKNOWN);
+    let per_chunk = if sparse {
+        CHUNK_BLOCKS_SPARSE
+    } else {
+        CHUNK_BLOCKS
+    };
     let mut chunks: Vec<(u64, u64)> = Vec::new();
     let mut b = 0;
     while b < nblocks {
-        let n = (nblocks - b).min(CHUNK_BLOCKS);
+        let n = (nblocks - b).min(per_chunk);
         chunks.push((b, n));
         b += n;
     }
@@ -192,10 +244,6 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     let next_chunk = std::sync::atomic::AtomicUsize::new(0);
 
     std::thread::scope(|s| -> Result<()> {
-        // Readers: one for a full pass (large sequential reads), several when change tracking
-        // leaves scattered blocks to read (latency-bound; the consumer restores the order).
-        // A target that is unknown everywhere (a full download) leaves nothing to skip.
-        let sparse = known.is_some() && !target.hashes.iter().all(|h| *h == ferry_blocks::UNKNOWN);
         let readers = if sparse { READERS_SPARSE } else { 1 };
         for _ in 0..readers {
             let out_err = out_tx.clone();
@@ -223,9 +271,24 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                     preset = k.presets(first, n, target_ref, must_read_ref);
                 }
                 let must_read = |k: u64| preset.is_empty() || preset[k as usize].is_none();
-                let mut data = Vec::new();
+                let mut data = ChunkData::default();
                 if in_data && (0..n).any(must_read) {
-                    data = vec![0u8; (end - start) as usize];
+                    let block_len = |k: u64| (end - start - k * bs).min(bs) as usize;
+                    if preset.is_empty() || (0..n).all(must_read) {
+                        data.bytes = vec![0u8; (end - start) as usize];
+                    } else {
+                        // Only the blocks to read, one after another.
+                        let mut at = 0usize;
+                        data.at = (0..n)
+                            .map(|k| {
+                                must_read(k).then(|| {
+                                    at += block_len(k);
+                                    at - block_len(k)..at
+                                })
+                            })
+                            .collect();
+                        data.bytes = vec![0u8; at];
+                    }
                     // Runs of blocks that must be read (all of them without presets).
                     let mut k = 0u64;
                     let mut failed = false;
@@ -238,9 +301,9 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         while k + m < n && must_read(k + m) {
                             m += 1;
                         }
-                        let s = (k * bs) as usize;
-                        let e = (((k + m) * bs) as usize).min(data.len());
-                        if let Err(err) = src.read_at(start + s as u64, &mut data[s..e]) {
+                        let s = data.offset(k, bs);
+                        let e = s + (k..k + m).map(block_len).sum::<usize>();
+                        if let Err(err) = src.read_at(start + k * bs, &mut data.bytes[s..e]) {
                             let _ = out_err.send(Err(err.into()));
                             failed = true;
                             break;
@@ -438,9 +501,7 @@ fn hash_chunk(
         let h = if let Some(h) = preset {
             h
         } else if c.read {
-            let s = (k * bs) as usize;
-            let e = (s + bs as usize).min(c.data.len());
-            hasher.hash(&c.data[s..e])
+            hasher.hash(c.data.block(k, bs).unwrap_or(&[]))
         } else {
             ZERO
         };
@@ -460,15 +521,13 @@ fn hash_chunk(
         } else if let Some(loc) = store.and_then(|s| s.locate(&h)) {
             (None, loc.len as u64)
         } else {
-            let s = (k * bs) as usize;
-            let e = (s + bs as usize).min(c.data.len());
-            if preset.is_some() || e <= s {
+            let Some(raw) = c.data.block(k, bs).filter(|_| preset.is_none()) else {
                 // Known by change tracking and in the store a moment ago: gone since.
                 return Err(anyhow!(
                     "block {idx} left the store during the pass (a concurrent garbage collection?); run the command again"
                 ));
-            }
-            let (f, codec) = encode(comp, &c.data[s..e]);
+            };
+            let (f, codec) = encode(comp, raw);
             // Sealed here, in parallel, not on the single in-order consumer.
             let f = match store {
                 Some(s) => s.seal_frame(f, &h),
@@ -491,7 +550,7 @@ fn hash_chunk(
         data: if keep_data && !moved.is_empty() {
             c.data
         } else {
-            Vec::new()
+            ChunkData::default()
         },
         moved,
     })
@@ -500,7 +559,7 @@ fn hash_chunk(
 /// Moved blocks of one chunk waiting to be written, with the chunk's data.
 struct Pending {
     first: u64,
-    data: Vec<u8>,
+    data: ChunkData,
     blocks: Vec<(u64, Hash)>,
 }
 
@@ -565,7 +624,8 @@ fn write_batch(
             if zero {
                 ops.push(Op::Zero(start, end - start));
             } else {
-                let off = (start - p.first * bs) as usize;
+                // Blocks of a run that were all read lie one after another in either layout.
+                let off = p.data.offset(blocks[j].0 - p.first, bs);
                 ops.push(Op::Data(start, pi, off, (end - start) as usize));
             }
             j += m;
@@ -579,7 +639,7 @@ fn write_batch(
                 ctx.add_written(len);
             }
             Op::Data(start, pi, off, len) => {
-                dev.write_at(start, &batch[pi].data[off..off + len])?;
+                dev.write_at(start, &batch[pi].data.bytes[off..off + len])?;
                 ctx.add_written(len as u64);
             }
         }
@@ -830,5 +890,74 @@ mod tests {
             dst.read_at(b * BS, &mut y).unwrap();
             assert_eq!(x, y, "block {b}");
         }
+    }
+
+    #[test]
+    fn scattered_runs_and_a_short_last_block_are_read_compactly_and_written_in_place() {
+        // 150 blocks and a 512-byte tail: three sparse chunks, the last one short.
+        let dir = tempfile::tempdir().unwrap();
+        let size = 150 * BS + 512;
+        let fill = |d: &RawDisk, f: &dyn Fn(u64) -> u8| {
+            for b in 0..151 {
+                let len = (size - b * BS).min(BS) as usize;
+                d.write_at(b * BS, &vec![f(b); len]).unwrap();
+            }
+        };
+        let src = RawDisk::create(&dir.path().join("src"), size).unwrap();
+        fill(&src, &|b| b as u8 + 1);
+        let ctx = JobCtx::new(2, None);
+        let target = |src: &RawDisk| {
+            pass(
+                &ctx,
+                PassSpec {
+                    src,
+                    block_size: BS,
+                    target: Arc::new(BlockMap::unknown(size, BS)),
+                    hasher: Hasher::PLAIN,
+                    store: None,
+                    write: None,
+                    crosses_sites: false,
+                    known: None,
+                },
+            )
+            .unwrap()
+            .map
+        };
+        let mark = Arc::new(target(&src));
+        let dst = RawDisk::create(&dir.path().join("dst"), size).unwrap();
+        fill(&dst, &|b| b as u8 + 1);
+        let dst_map = target(&dst);
+        // The source changes in a run of 3 blocks (across no chunk edge), one lone block and
+        // the tail; tracking reports exactly those.
+        for b in [10, 11, 12, 70] {
+            src.write_at(b * BS, &vec![0xa0 + b as u8; BS as usize])
+                .unwrap();
+        }
+        src.write_at(150 * BS, &[0xee; 512]).unwrap();
+        let mut journal = MapJournal::open(&dir.path().join("j")).unwrap();
+        let ctx = JobCtx::new(2, None);
+        let r = pass(
+            &ctx,
+            PassSpec {
+                src: &src,
+                block_size: BS,
+                target: Arc::new(dst_map),
+                hasher: Hasher::PLAIN,
+                store: None,
+                write: Some((&dst, &mut journal)),
+                crosses_sites: false,
+                known: Some(KnownSource {
+                    map: mark,
+                    changed: vec![(10 * BS, 13 * BS), (70 * BS, 71 * BS), (150 * BS, size)],
+                }),
+            },
+        )
+        .unwrap();
+        assert_eq!(r.blocks_moved, 5);
+        assert_eq!(ctx.bytes_read(), 4 * BS + 512);
+        let (mut x, mut y) = (vec![0u8; size as usize], vec![0u8; size as usize]);
+        src.read_at(0, &mut x).unwrap();
+        dst.read_at(0, &mut y).unwrap();
+        assert!(x == y, "the target differs from the source after the pass");
     }
 }

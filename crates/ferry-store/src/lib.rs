@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use ferry_blocks::{Hash, Hasher, Manifest};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::{path::Path as ObjPath, ObjectStore, PutPayload};
 
 pub mod backend;
@@ -108,6 +108,8 @@ pub const DEFAULT_UPLOADS: usize = 4;
 
 /// A lease left unrenewed this long belongs to a dead job and is ignored.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+/// Pack indexes read at once when a store is opened.
+const INDEX_READS: usize = 16;
 const LEASE_RENEW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A job's mark that it uses the store (`locks/<id>.lease`, store-wide): while another job's
@@ -169,7 +171,8 @@ impl Store {
         }
     }
 
-    /// Reads every pack index into memory.
+    /// Reads every pack index into memory, several at once (one request each: on a network
+    /// store its latency, not its size, is the cost).
     fn load_index(&self) -> Result<()> {
         let metas: Vec<_> = self
             .rt
@@ -179,13 +182,22 @@ impl Store {
                     .try_collect::<Vec<_>>(),
             )
             .map_err(self.backend())?;
+        let os = &self.os;
         let mut idx = HashMap::new();
-        for m in metas {
-            let b = self.get(&m.location)?;
-            for (h, loc) in self.parse_index(&m.location, &b)? {
-                idx.insert(h, loc);
+        self.rt.block_on(async {
+            let mut fetched = futures::stream::iter(metas.into_iter().map(|m| async move {
+                let b = os.get(&m.location).await?.bytes().await?;
+                Ok::<_, object_store::Error>((m.location, b))
+            }))
+            .buffer_unordered(INDEX_READS);
+            while let Some(r) = fetched.next().await {
+                let (at, b) = r.map_err(self.backend())?;
+                for (h, loc) in self.parse_index(&at, &b)? {
+                    idx.insert(h, loc);
+                }
             }
-        }
+            Ok::<_, StoreError>(())
+        })?;
         *self.index.write().unwrap() = idx;
         Ok(())
     }
