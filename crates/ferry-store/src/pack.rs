@@ -42,9 +42,22 @@ pub fn decode_owned(frame: Vec<u8>, loc: Location) -> Option<Vec<u8>> {
 }
 
 fn decode_zstd(frame: &[u8], loc: Location) -> Option<Vec<u8>> {
-    zstd::bulk::decompress(frame, loc.raw_len as usize)
-        .ok()
-        .filter(|r| r.len() == loc.raw_len as usize)
+    thread_local! {
+        // One decompression context per thread: making one per 64 KiB block costs more than
+        // decompressing it.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = zstd::bulk::Decompressor::new().ok();
+        }
+        d.as_mut()?
+            .decompress(frame, loc.raw_len as usize)
+            .ok()
+            .filter(|r| r.len() == loc.raw_len as usize)
+    })
 }
 
 /// Serializes a pack's index.
