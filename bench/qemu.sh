@@ -7,8 +7,10 @@
 #
 # One ferry home (qemu driver at both sites: hosts h1 at site prim, r1 at site dr; QEMU with TCG
 # unless FERRY_QEMU_ACCEL says otherwise) and one VM `db` with a SIZE qcow2 disk filled with
-# incompressible data, protected, failed over (planned) and committed. Then three rounds, each
-# after the running recovery guest overwrote CHANGE_PCT% (default 1) of the 64 KiB blocks at
+# incompressible data, protected, failed over (planned) and committed. Then ROUNDS (3) rounds of
+# the first two contenders, alternating which goes first, and one of rsync, each after its own
+# planned failover and after the running recovery guest overwrote CHANGE_PCT% (default 1) of the
+# 64 KiB blocks at
 # random offsets through QEMU (QMP `human-monitor-command` + `qemu-io write -s`):
 #   tracked: `ferry failback db` (phase 1, recovery VM running) and `ferry complete db` (phase 2),
 #            timed separately, with FINAL_DELTA (10 MiB) written by the guest in between (phase
@@ -44,6 +46,8 @@
 #   FINAL_DELTA (10MiB): what the guest writes between phase 1 and `complete` (phase 2's delta)
 #   SIZE (4GiB)  CHANGE_PCT (1)  SEED (42)  OUT (bench/out)  FERRY (path to a ferry binary;
 #   implies --no-build)  REPEAT (1): rsync runs, the median is reported
+#   ROUNDS (3): rounds of the change-tracked and the hash-scan failback (each after its own
+#   failover and guest writes), alternating which goes first; medians are reported
 #   FERRY_QEMU_ACCEL (tcg): QEMU accelerator for every ferry command (tcg, kvm or auto)
 # Needs qemu-system-x86_64, qemu-img, qemu-nbd, rsync and python3, and about 6 × SIZE of free disk
 # space under OUT (checked first). The exit status is 0 whether targets pass or fail; only a
@@ -60,6 +64,7 @@ SIZE=${SIZE:-4GiB}
 CHANGE_PCT=${CHANGE_PCT:-1}
 SEED=${SEED:-42}
 REPEAT=${REPEAT:-1}
+ROUNDS=${ROUNDS:-3}
 CACHE=${CACHE:-cold}
 FINAL_DELTA=${FINAL_DELTA:-10MiB}
 case "$CACHE" in
@@ -68,7 +73,7 @@ case "$CACHE" in
 esac
 FERRY_BIN=${FERRY:-}
 export FERRY_QEMU_ACCEL=${FERRY_QEMU_ACCEL:-tcg}
-COMMAND_LINE="$(printf '%q ' "SIZE=$SIZE" "CHANGE_PCT=$CHANGE_PCT" "SEED=$SEED" "REPEAT=$REPEAT" "CACHE=$CACHE" "FINAL_DELTA=$FINAL_DELTA" bench/qemu.sh "$@")"
+COMMAND_LINE="$(printf '%q ' "SIZE=$SIZE" "CHANGE_PCT=$CHANGE_PCT" "SEED=$SEED" "REPEAT=$REPEAT" "ROUNDS=$ROUNDS" "CACHE=$CACHE" "FINAL_DELTA=$FINAL_DELTA" bench/qemu.sh "$@")"
 COMMAND_LINE=${COMMAND_LINE% }
 
 build=1
@@ -95,6 +100,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     exit 1
 fi
 case "$REPEAT" in '' | *[!0-9]* | 0) echo "error: REPEAT=$REPEAT is not a positive integer" >&2; exit 2 ;; esac
+case "$ROUNDS" in '' | *[!0-9]* | 0) echo "error: ROUNDS=$ROUNDS is not a positive integer" >&2; exit 2 ;; esac
 python3 -c "import sys; p = float(sys.argv[1]); sys.exit(not 0 < p <= 100)" "$CHANGE_PCT" 2>/dev/null ||
     { echo "error: CHANGE_PCT=$CHANGE_PCT is not a percentage in (0, 100]" >&2; exit 2; }
 case "$SEED" in '' | *[!0-9]*) echo "error: SEED=$SEED is not a non-negative integer" >&2; exit 2 ;; esac
@@ -360,6 +366,7 @@ record size_bytes "$size_bytes"
 record change_pct "$CHANGE_PCT"
 record seed "$SEED"
 record repeat "$REPEAT"
+record rounds "$ROUNDS"
 record date "$(date -u +%Y-%m-%dT%H:%MZ)"
 record cpu "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
 record cores "$(nproc)"
@@ -399,48 +406,62 @@ say "protect (initial replication)"
 timed protect "$JOBS/protect.json" "${FER[@]}" --json protect db --to dr
 job_ok "$JOBS/protect.json" succeeded
 
-# ---- round 1: change-tracked failback
-failover_round 1
-say "[tracked] the recovery guest writes $CHANGE_PCT% of the blocks"
-changed=$(guest_writes $((SEED + 1)))
-record tracked_changed "$changed"
-failback_round tracked
-case "$(last tracked_notes)" in
-    *"cannot be trusted"* | *"hash scan"*)
-        die "ferry did not trust its change tracking in the change-tracked round: $(last tracked_notes)" ;;
-esac
-identical tracked
-q fer vm start db --host h1
-fjob commit-tracked succeeded commit db
-say "[tracked] reverse-replicate"
-fjob reverse-tracked succeeded reverse-replicate db
+# ---- ROUNDS rounds of the change-tracked and the hash-scan failback, alternating which goes
+# first (every measurement recorded again under the same keys; the report takes medians)
+tracked_round() {
+    local r=$1
+    failover_round "t$r"
+    say "[tracked $r/$ROUNDS] the recovery guest writes $CHANGE_PCT% of the blocks"
+    changed=$(guest_writes $((SEED + 10 * r + 1)))
+    record tracked_changed "$changed"
+    failback_round tracked
+    case "$(last tracked_notes)" in
+        *"cannot be trusted"* | *"hash scan"*)
+            die "ferry did not trust its change tracking in the change-tracked round: $(last tracked_notes)" ;;
+    esac
+    identical tracked
+    q fer vm start db --host h1
+    fjob "commit-tracked$r" succeeded commit db
+    say "[tracked $r/$ROUNDS] reverse-replicate"
+    fjob "reverse-tracked$r" succeeded reverse-replicate db
+}
+scan_round() {
+    local r=$1 removed prim_bitmaps b
+    failover_round "s$r"
+    say "[scan $r/$ROUNDS] the recovery guest writes $CHANGE_PCT% of the blocks"
+    changed=$(guest_writes $((SEED + 10 * r + 2)))
+    record scan_changed "$changed"
+    removed=$(qpy remove-bitmaps "$(vm_field qmp)" disk0 2>>"$LOG")
+    [ -n "$removed" ] || die "the running recovery VM has no ferry-* bitmaps on disk0 to remove"
+    echo "+ removed from the running recovery VM: $removed" >>"$LOG"
+    record scan_removed_recovery "$removed"
+    prim_bitmaps=$(qpy image-bitmaps "$PRIM" 2>>"$LOG")
+    [ -n "$prim_bitmaps" ] || die "the stopped primary image $PRIM has no ferry-* bitmaps to remove"
+    for b in $prim_bitmaps; do q qemu-img bitmap --remove "$PRIM" "$b"; done
+    record scan_removed_primary "$prim_bitmaps"
+    failback_round scan
+    case "$(last scan_notes)" in
+        *"change tracking cannot be trusted"*) ;;
+        *) die "the hash-scan failback's job does not say that change tracking cannot be trusted (notes: '$(last scan_notes)')" ;;
+    esac
+    identical scan
+    q fer vm start db --host h1
+    fjob "commit-scan$r" succeeded commit db
+    say "[scan $r/$ROUNDS] reverse-replicate"
+    fjob "reverse-scan$r" succeeded reverse-replicate db
+}
+for r in $(seq "$ROUNDS"); do
+    if [ $((r % 2)) -eq 1 ]; then
+        tracked_round "$r"
+        scan_round "$r"
+    else
+        scan_round "$r"
+        tracked_round "$r"
+    fi
+done
 
-# ---- round 2: hash scan (ferry's bitmaps removed from both images)
-failover_round 2
-say "[scan] the recovery guest writes $CHANGE_PCT% of the blocks"
-changed=$(guest_writes $((SEED + 2)))
-record scan_changed "$changed"
-removed=$(qpy remove-bitmaps "$(vm_field qmp)" disk0 2>>"$LOG")
-[ -n "$removed" ] || die "the running recovery VM has no ferry-* bitmaps on disk0 to remove"
-echo "+ removed from the running recovery VM: $removed" >>"$LOG"
-record scan_removed_recovery "$removed"
-prim_bitmaps=$(qpy image-bitmaps "$PRIM" 2>>"$LOG")
-[ -n "$prim_bitmaps" ] || die "the stopped primary image $PRIM has no ferry-* bitmaps to remove"
-for b in $prim_bitmaps; do q qemu-img bitmap --remove "$PRIM" "$b"; done
-record scan_removed_primary "$prim_bitmaps"
-failback_round scan
-case "$(last scan_notes)" in
-    *"change tracking cannot be trusted"*) ;;
-    *) die "the hash-scan failback's job does not say that change tracking cannot be trusted (notes: '$(last scan_notes)')" ;;
-esac
-identical scan
-q fer vm start db --host h1
-fjob commit-scan succeeded commit db
-say "[scan] reverse-replicate"
-fjob reverse-scan succeeded reverse-replicate db
-
-# ---- round 3: rsync of the qcow2 files, both VMs stopped
-failover_round 3
+# ---- rsync of the qcow2 files, both VMs stopped
+failover_round r
 say "[rsync] the recovery guest writes $CHANGE_PCT% of the blocks"
 changed=$(guest_writes $((SEED + 3)))
 record rsync_changed "$changed"

@@ -28,6 +28,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ from failback_helpers import (  # noqa: E402  (after the path set-up)
     BLOCK,
     fmt_bytes,
     json_get,
-    load,
+    load_runs,
     num,
     parse_size,
     verdict,
@@ -251,8 +252,24 @@ def pct_of(a, b):
     return f"{100 * a / b:.2f}%"
 
 
+def load_medians(path: str) -> tuple:
+    """(values, runs): each key's median when every value recorded under it is a number (one
+    per round), else its value when all agree, else all of them joined with " / "; and every
+    key's list of values."""
+    runs = load_runs(path)
+    m = {}
+    for k, vs in runs.items():
+        try:
+            nums = [float(v) for v in vs]
+        except ValueError:
+            m[k] = vs[-1] if len(set(vs)) == 1 else " / ".join(vs)
+            continue
+        m[k] = vs[-1] if len(vs) == 1 else repr(statistics.median(nums))
+    return m, runs
+
+
 def report(path: str) -> str:
-    m = load(path)
+    m, runs = load_medians(path)
     size = num(m, "size_bytes")
     out = []
     out.append(f"### Change-tracked failback on QEMU — {m.get('size_label', '?')} disk")
@@ -282,13 +299,15 @@ def report(path: str) -> str:
         }.get(m.get("cache"), " (both files read once)")
     )
     out.append(
-        "- wall-clock seconds (monotonic clock), one ferry run per mode; phase 1 = `ferry failback db` "
+        f"- wall-clock seconds (monotonic clock); each ferry mode ran {m.get('rounds', '1')} time(s) "
+        "(its own failover and guest writes each time, the two modes alternating which goes first): "
+        "the table shows medians; phase 1 = `ferry failback db` "
         "(recovery VM running), phase 2 = `ferry complete db` (recovery VM stopped, last changes, "
         "primary started); bytes read = the job's `bytes_read` over both phases"
     )
     out.append(
         f"- not timed: protect (initial full replication) {fmt_s(num(m, 'protect_s'))} s, "
-        f"planned failover {fmt_s(num(m, 'failover1_s'))} s"
+        f"planned failover {fmt_s(num(m, 'failovert1_s'))} s"
     )
     out.append("")
 
@@ -309,9 +328,13 @@ def report(path: str) -> str:
             f"{fmt_s(num(m, f'{key}_total_s'))} | {fmt_bytes(read)} | {pct_of(read, size)} | "
             f"{fmt_ms(num(m, f'{key}_downtime_ms'))} | {m.get(f'{key}_identical', '–')} |"
         )
+    for key, label in (("tracked", "change-tracked"), ("scan", "hash scan")):
+        every = runs.get(f"{key}_total_s", [])
+        if len(every) > 1:
+            out.append(f"| (every round: {label}) | | | {' '.join(every)} | | | | |")
     if rs is not None:
-        runs = m.get("rsync_runs", "")
-        note = f" (median of {m.get('repeat', '1')}: {runs} s)" if runs and int(m.get("repeat", "1")) > 1 else ""
+        runs_rs = m.get("rsync_runs", "")
+        note = f" (median of {m.get('repeat', '1')}: {runs_rs} s)" if runs_rs and int(m.get("repeat", "1")) > 1 else ""
         out.append(
             f"| `rsync --inplace --no-whole-file` recovery qcow2 → copy of primary qcow2 (VMs stopped){note} | – | – | "
             f"{fmt_s(rs)} | all of both files | ≈ 200% | – | "
@@ -341,16 +364,16 @@ def report(path: str) -> str:
         out.append("")
     steps = []
     for key, label in (("tracked", "tracked"), ("scan", "hash scan")):
-        text = m.get(f"{key}_steps", "").strip()
+        text = (runs.get(f"{key}_steps") or [""])[-1].strip()
         if text:
             parts = [p.rsplit("=", 1) for p in text.split(";") if "=" in p]
             steps.append(f"{label}: " + ", ".join(f"{name} {ms} ms" for name, ms in parts))
     if steps:
-        out.append("Job steps (`ferry job show`, wall time): " + "; ".join(steps) + ".")
+        out.append("Job steps (`ferry job show`, wall time, the last round): " + "; ".join(steps) + ".")
         out.append("")
         sync_ms = {}
         for key in ("tracked", "scan"):
-            text = m.get(f"{key}_steps", "").strip()
+            text = (runs.get(f"{key}_steps") or [""])[-1].strip()
             parts = [p.rsplit("=", 1) for p in text.split(";") if "=" in p]
             vals = [float(ms) for name, ms in parts if "sync" in name or "prepare" in name]
             if vals:
@@ -362,12 +385,11 @@ def report(path: str) -> str:
                 f"{100 * sync_ms['tracked'] / sync_ms['scan']:.1f}%."
             )
             out.append("")
-    if m.get("tracked_notes"):
-        out.append(f"Change-tracked run, ferry's job note: “{m['tracked_notes']}”")
-        out.append("")
-    if m.get("scan_notes"):
-        out.append(f"Hash-scan run, ferry's job note: “{m['scan_notes']}”")
-        out.append("")
+    for key, label in (("tracked", "Change-tracked"), ("scan", "Hash-scan")):
+        note = (runs.get(f"{key}_notes") or [""])[-1]
+        if note:
+            out.append(f"{label} run (the last round), ferry's job note: “{note}”")
+            out.append("")
     cpu_bits = []
     for key, label in (("tracked", "tracked"), ("scan", "hash scan")):
         c1, c2 = num(m, f"{key}_p1_cpu"), num(m, f"{key}_p2_cpu")
