@@ -14,7 +14,7 @@ use crate::jobs::{Cancelled, JobCtx};
 /// Blocks fetched from the store per request group when restoring (coalesced ranged reads).
 const RESTORE_GROUP: usize = 512;
 /// Reader threads of a pass that reads scattered blocks (change tracking).
-const READERS_SPARSE: usize = 4;
+const READERS_SPARSE: usize = 8;
 /// Most writes of one batch in flight at once.
 const WRITERS: usize = 4;
 /// Blocks per chunk read by the reader.
@@ -432,6 +432,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         batch_bytes = 0;
                     }
                     if unsynced > 0 && (due || unsynced >= SYNC_BYTES) {
+                        let _span = tracing::debug_span!("flush").entered();
                         dev.flush()?;
                         journal.sync()?;
                         unsynced = 0;
@@ -453,6 +454,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         drop(tok_tx);
         // Whatever was processed is made durable, even when stopping early.
         if let Some((dev, journal)) = write.as_mut() {
+            let _span = tracing::debug_span!("final_writes").entered();
             let r = write_batch(ctx, *dev, journal, &target, &map, &mut batch)
                 .and_then(|_| Ok(dev.flush()?))
                 .and_then(|_| Ok(journal.sync()?));
@@ -461,6 +463,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
             }
         }
         if let Some(p) = packs.take() {
+            let _span = tracing::debug_span!("packs_finish").entered();
             let r = p.finish();
             if failure.is_none() {
                 r?;
@@ -583,6 +586,7 @@ fn write_batch(
     if batch.is_empty() {
         return Ok(());
     }
+    let _span = tracing::debug_span!("write_batch", chunks = batch.len()).entered();
     let bs = map.block_size;
     // Runs of consecutive moved blocks within one chunk: (pending, first position, count).
     let mut runs: Vec<(usize, usize, usize)> = Vec::new();

@@ -68,7 +68,7 @@ use crate::{
 };
 
 /// NBD connections per open disk (requests on one connection are serialised).
-pub const NBD_CONNECTIONS: usize = 4;
+pub const NBD_CONNECTIONS: usize = 8;
 /// Longest wait for a started QEMU to answer on QMP.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for QEMU to exit after `quit` before it is killed.
