@@ -19,6 +19,10 @@ const READERS_SPARSE: usize = 8;
 const WRITERS: usize = 4;
 /// Blocks per chunk read by the reader.
 const CHUNK_BLOCKS: u64 = 16;
+/// Blocks per chunk when change tracking leaves scattered blocks to read: only those are
+/// buffered, and larger chunks halve the hand-offs between threads. Fewer of them are in
+/// flight, so the read-ahead (and the memory when every block changed) stays the same.
+const CHUNK_BLOCKS_SPARSE: u64 = 32;
 /// Bytes of pending target writes collected before they are written out.
 const WRITE_BATCH: usize = 4 << 20;
 /// Longest time between disk flushes (bounds what a crash makes ferry re-send).
@@ -205,16 +209,22 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
             .hashes
             .iter()
             .all(|h| *h == ferry_blocks::UNKNOWN);
+    let per_chunk = if sparse {
+        CHUNK_BLOCKS_SPARSE
+    } else {
+        CHUNK_BLOCKS
+    };
     let mut chunks: Vec<(u64, u64)> = Vec::new();
     let mut b = 0;
     while b < nblocks {
-        let n = (nblocks - b).min(CHUNK_BLOCKS);
+        let n = (nblocks - b).min(per_chunk);
         chunks.push((b, n));
         b += n;
     }
     let threads = ctx.threads.max(1);
-    // The read-ahead (and the memory when every block must be read) is `inflight` chunks.
-    let inflight = threads * 4 + 4;
+    // The read-ahead (and the memory when every block must be read) is `inflight` chunks: the
+    // same bytes whatever the chunk size.
+    let inflight = ((threads * 4 + 4) * CHUNK_BLOCKS as usize / per_chunk as usize).max(2);
     let (tok_tx, tok_rx) = bounded::<()>(inflight);
     for _ in 0..inflight {
         tok_tx.send(()).unwrap();
@@ -237,7 +247,12 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
     let next_chunk = std::sync::atomic::AtomicUsize::new(0);
 
     std::thread::scope(|s| -> Result<()> {
-        let readers = if sparse { READERS_SPARSE } else { 1 };
+        // (A reader holds a token while it reads: more readers than tokens would only wait.)
+        let readers = if sparse {
+            READERS_SPARSE.min(inflight)
+        } else {
+            1
+        };
         for _ in 0..readers {
             let out_err = out_tx.clone();
             let chunks_ref = &chunks;
