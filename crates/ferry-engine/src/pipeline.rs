@@ -820,12 +820,37 @@ mod tests {
             PassSpec {
                 src,
                 block_size: BS,
-                target: Arc::new(BlockMap::unknown(64 * BS, BS)),
+                target: Arc::new(BlockMap::unknown(src.size(), BS)),
                 hasher: Hasher::PLAIN,
                 store: None,
                 write: None,
                 crosses_sites: false,
                 known,
+            },
+        )
+        .unwrap()
+    }
+
+    /// A pass that writes `src` onto `dst`, whose content `target` describes.
+    fn sync_onto(
+        ctx: &JobCtx,
+        src: &dyn BlockDevice,
+        dst: &dyn BlockDevice,
+        target: BlockMap,
+        journal: &mut MapJournal,
+        known: KnownSource,
+    ) -> PassResult {
+        pass(
+            ctx,
+            PassSpec {
+                src,
+                block_size: BS,
+                target: Arc::new(target),
+                hasher: Hasher::PLAIN,
+                store: None,
+                write: Some((dst, journal)),
+                crosses_sites: false,
+                known: Some(known),
             },
         )
         .unwrap()
@@ -877,23 +902,11 @@ mod tests {
         target.hashes[9] = ferry_blocks::ZERO;
         let mut journal = MapJournal::open(&dir.path().join("j")).unwrap();
         let ctx = JobCtx::new(2, None);
-        let r = pass(
-            &ctx,
-            PassSpec {
-                src: &src,
-                block_size: BS,
-                target: Arc::new(target),
-                hasher: Hasher::PLAIN,
-                store: None,
-                write: Some((&dst, &mut journal)),
-                crosses_sites: false,
-                known: Some(KnownSource {
-                    map: mark,
-                    changed: vec![(5 * BS, 6 * BS), (40 * BS, 41 * BS)],
-                }),
-            },
-        )
-        .unwrap();
+        let known = KnownSource {
+            map: mark,
+            changed: vec![(5 * BS, 6 * BS), (40 * BS, 41 * BS)],
+        };
+        let r = sync_onto(&ctx, &src, &dst, target, &mut journal, known);
         assert_eq!(r.blocks_moved, 3);
         assert_eq!(ctx.bytes_read(), 3 * BS);
         for b in 0..64 {
@@ -918,27 +931,10 @@ mod tests {
         let src = RawDisk::create(&dir.path().join("src"), size).unwrap();
         fill(&src, &|b| b as u8 + 1);
         let ctx = JobCtx::new(2, None);
-        let target = |src: &RawDisk| {
-            pass(
-                &ctx,
-                PassSpec {
-                    src,
-                    block_size: BS,
-                    target: Arc::new(BlockMap::unknown(size, BS)),
-                    hasher: Hasher::PLAIN,
-                    store: None,
-                    write: None,
-                    crosses_sites: false,
-                    known: None,
-                },
-            )
-            .unwrap()
-            .map
-        };
-        let mark = Arc::new(target(&src));
+        let mark = Arc::new(scan(&ctx, &src, None).map);
         let dst = RawDisk::create(&dir.path().join("dst"), size).unwrap();
         fill(&dst, &|b| b as u8 + 1);
-        let dst_map = target(&dst);
+        let dst_map = scan(&ctx, &dst, None).map;
         // The source changes in a run of 3 blocks (across no chunk edge), one lone block and
         // the tail; tracking reports exactly those.
         for b in [10, 11, 12, 70] {
@@ -948,23 +944,11 @@ mod tests {
         src.write_at(150 * BS, &[0xee; 512]).unwrap();
         let mut journal = MapJournal::open(&dir.path().join("j")).unwrap();
         let ctx = JobCtx::new(2, None);
-        let r = pass(
-            &ctx,
-            PassSpec {
-                src: &src,
-                block_size: BS,
-                target: Arc::new(dst_map),
-                hasher: Hasher::PLAIN,
-                store: None,
-                write: Some((&dst, &mut journal)),
-                crosses_sites: false,
-                known: Some(KnownSource {
-                    map: mark,
-                    changed: vec![(10 * BS, 13 * BS), (70 * BS, 71 * BS), (150 * BS, size)],
-                }),
-            },
-        )
-        .unwrap();
+        let known = KnownSource {
+            map: mark,
+            changed: vec![(10 * BS, 13 * BS), (70 * BS, 71 * BS), (150 * BS, size)],
+        };
+        let r = sync_onto(&ctx, &src, &dst, dst_map, &mut journal, known);
         assert_eq!(r.blocks_moved, 5);
         assert_eq!(ctx.bytes_read(), 4 * BS + 512);
         let (mut x, mut y) = (vec![0u8; size as usize], vec![0u8; size as usize]);
