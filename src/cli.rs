@@ -2,11 +2,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use ferry_engine::{Engine, FailbackOpts, FailoverMode, RunOpts};
+use ferry_api::*;
+use ferry_engine::Engine;
 use ferry_model::{
-    parse_bandwidth, parse_duration, parse_size, DriverKind, JobState, SiteRole, SyncMode,
+    parse_bandwidth, parse_duration, parse_size, DriverKind, JobState, Role, SiteRole, SyncMode,
 };
 use serde_json::json;
 
@@ -23,9 +24,13 @@ pub struct Cli {
     /// ferry home (vault, local stores, dir-driver hosts)
     #[arg(long, global = true, env = "FERRY_HOME")]
     pub home: Option<PathBuf>,
-    /// Talk to a running `ferry serve` instead of an embedded installation
+    /// Talk to a running `ferry serve` (its URL, e.g. http://127.0.0.1:7450) instead of an
+    /// embedded installation
     #[arg(long, global = true, env = "FERRY_SERVER")]
     pub server: Option<String>,
+    /// API token for --server (`ferry token new`)
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Print exactly one JSON document on stdout
     #[arg(long, global = true)]
     pub json: bool,
@@ -75,34 +80,47 @@ pub struct FailbackFlags {
 }
 
 impl FailbackFlags {
-    fn opts(&self) -> Result<FailbackOpts> {
+    fn req(&self) -> Result<FailbackReq> {
         let sync = self
             .sync
             .as_deref()
             .map(|s| s.parse::<SyncMode>())
             .transpose()
             .map_err(anyhow::Error::msg)?;
-        Ok(FailbackOpts {
+        Ok(FailbackReq {
             sync,
             host: self.host.clone(),
             create_vm: self.create_vm,
+            key: key_arg(&self.key),
             auto_complete: self.auto_complete,
             dry_run: self.dry_run,
             verify: self.verify,
-            run: Some(self.data.opts()),
+            data: self.data.opts(),
         })
     }
 }
 
 impl DataFlags {
-    fn opts(&self) -> RunOpts {
-        let mut o = RunOpts::default();
-        if let Some(t) = self.threads {
-            o.threads = t.max(1);
+    fn opts(&self) -> DataOpts {
+        DataOpts {
+            threads: self.threads.map(|t| t.max(1)),
+            bandwidth: self.bandwidth,
         }
-        o.bandwidth = self.bandwidth;
-        o
     }
+}
+
+/// A `--key FILE` as the API takes it: an absolute path (resolved against this directory).
+fn key_arg(key: &Option<PathBuf>) -> Option<String> {
+    key.as_ref().map(|p| {
+        let abs = if p.is_absolute() {
+            p.clone()
+        } else {
+            std::env::current_dir()
+                .map(|c| c.join(p))
+                .unwrap_or_else(|_| p.clone())
+        };
+        abs.display().to_string()
+    })
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -324,6 +342,32 @@ pub enum Cmd {
     /// Example: ferry plan create shop --group db1 --group app1,app2 && ferry plan failback shop && ferry plan complete shop
     #[command(subcommand)]
     Plan(PlanCmd),
+    /// Run the control plane: the REST API over this --home, with tokens and roles, and the
+    /// replication scheduler (every protected VM gets a cycle by its --rpo).
+    ///
+    /// Prints one line `listening on URL` when ready; runs until SIGTERM or SIGINT (jobs it
+    /// runs are then cancelled; re-running their command continues them). Clients use
+    /// `--server URL --token T` (or FERRY_SERVER / FERRY_TOKEN).
+    ///
+    /// Example:
+    ///   ferry --home /srv/ferry token new ops --role operator
+    ///   ferry --home /srv/ferry serve --listen 127.0.0.1:7450
+    Serve {
+        /// Address to listen on (port 0: any free port)
+        #[arg(long, default_value = "127.0.0.1:7450")]
+        listen: String,
+        /// TLS certificate (PEM) — see `ferry serve --help`
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM)
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// API tokens of `ferry serve`: create, list, revoke (against --home, or remotely as admin).
+    ///
+    /// Example: ferry --home /srv/ferry token new ops --role operator
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Run the whole lifecycle on the embedded defaults and print a summary table.
     ///
     /// Example: ferry demo --disk-size 256MiB
@@ -526,6 +570,34 @@ pub enum JobCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token and print its secret (shown only here; only a hash is kept).
+    ///
+    /// Roles: viewer (reads), operator (also runs protect, replicate, failover, failback,
+    /// complete, cancel, commit and plans), admin (also changes sites, hosts, VMs and tokens),
+    /// agent (acts only as its --host).
+    ///
+    /// Example: ferry token new ops --role operator
+    New {
+        /// Token name
+        name: String,
+        /// viewer, operator, admin or agent
+        #[arg(long, value_parser = ["viewer", "operator", "admin", "agent"])]
+        role: String,
+        /// For agent tokens: the host the agent serves
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// List tokens (names and roles, never secrets).
+    List,
+    /// Revoke a token: requests with it are refused from now on.
+    Revoke {
+        /// Token name
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum KeyCmd {
     /// Create a new encryption key file.
     New {
@@ -538,77 +610,64 @@ fn home(cli: &Cli) -> PathBuf {
     cli.home.clone().unwrap_or_else(crate::default_home)
 }
 
-fn open(cli: &Cli) -> Result<Engine> {
-    let mut e = Engine::open(&home(cli))?;
-    e.set_notify(std::sync::Arc::new(|s: &str| eprintln!("{s}")));
-    if output::show_progress(cli.json) {
+/// The operations: over HTTP with `--server`, else in this process over `--home`. Either way
+/// the same calls, so both modes print the same.
+fn api(cli: &Cli) -> Result<Box<dyn Api>> {
+    let progress = output::show_progress(cli.json);
+    if let Some(url) = &cli.server {
+        let mut c = ferry_api::client::Client::new(url, cli.token.clone())?;
+        if progress {
+            let (obs, _bar) = output::progress_observer();
+            c.set_progress(obs);
+        }
+        return Ok(Box::new(c));
+    }
+    let mut l = ferry_server::Local::new(&home(cli));
+    l.set_notify(std::sync::Arc::new(|s: &str| eprintln!("{s}")));
+    if progress {
         let (obs, _bar) = output::progress_observer();
-        e.set_observer(obs);
+        l.set_observer(obs);
     }
-    Ok(e)
+    Ok(Box::new(l))
 }
 
-fn open_with_key(cli: &Cli, key: &Option<PathBuf>) -> Result<Engine> {
-    let mut e = open(cli)?;
-    e.set_key_file(key.clone());
-    Ok(e)
+/// Prints what a job-running command returns: its notes on stderr, then the job.
+fn print_run(r: &RunReply, j: bool) {
+    for m in &r.messages {
+        eprintln!("{m}");
+    }
+    if let Some(job) = &r.job {
+        output::job(job, j);
+    }
 }
 
-fn vm_json(
-    e: &Engine,
-    host: &ferry_model::Host,
-    vm: &ferry_hypervisor::VmInfo,
-) -> serde_json::Value {
-    let _ = e;
-    let mut v = json!({
-        "name": vm.name,
-        "host": host.name,
-        "site": host.site,
-        "driver": host.driver.as_str(),
-        "power": vm.power,
-        "cpus": vm.cpus,
-        "memory": vm.memory,
-        "disks": vm.disks.iter().map(|d| {
-            let mut j = json!({
-                "index": d.index, "path": d.path, "size": d.size, "format": d.format, "consistent": d.consistent
-            });
-            // QEMU: the block node and guest device, for QMP (`qemu-io -d vblk0/virtio-backend …`).
-            if let Some(n) = &d.node {
-                j["node"] = json!(n);
-            }
-            if let Some(dev) = &d.device {
-                j["device"] = json!(dev);
-            }
-            j
-        }).collect::<Vec<_>>(),
-        "nics": vm.nics,
-    });
-    if let Some(q) = &vm.qmp {
-        v["qmp"] = json!(q);
+fn print_vm(v: &VmView, j: bool, text: impl FnOnce(&VmView) -> String) {
+    if j {
+        output::json(v)
+    } else {
+        println!("{}", text(v))
     }
-    v
-}
-
-fn host_json(e: &Engine, h: &ferry_model::Host) -> serde_json::Value {
-    let connected = e
-        .driver(h)
-        .map(|d| d.check_connected().is_ok())
-        .unwrap_or(false);
-    let mut v = json!({"name": h.name, "site": h.site, "driver": h.driver.as_str(), "root": h.root, "switches": h.switches, "connected": connected});
-    if h.driver == DriverKind::Qemu {
-        v["accel"] = json!(h.accel.as_deref().unwrap_or("auto"));
-    }
-    v
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
-    if let Some(url) = &cli.server {
-        bail!("--server {url}: client mode is not available in this version; use an embedded installation with --home DIR");
-    }
     let j = cli.json;
     match &cli.cmd {
         Cmd::Init => {
+            if cli.server.is_some() {
+                // A server's installation exists already: say where it is.
+                let i = api(&cli)?.info()?;
+                if j {
+                    output::json(&json!({"home": i.home, "vault": i.vault}));
+                } else {
+                    println!(
+                        "ferry home ready at {} (server {})",
+                        i.home,
+                        cli.server.as_deref().unwrap_or("")
+                    );
+                }
+                return Ok(());
+            }
             let h = home(&cli);
             let e = Engine::init(&h)?;
             if j {
@@ -618,9 +677,12 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Site(SiteCmd::Add { name, role, store }) => {
-            let e = open(&cli)?;
             let role: SiteRole = role.parse().map_err(anyhow::Error::msg)?;
-            let s = e.add_site(name, role, store.clone())?;
+            let s = api(&cli)?.add_site(&SiteAdd {
+                name: name.clone(),
+                role,
+                store: store.clone(),
+            })?;
             if j {
                 output::json(&s)
             } else {
@@ -628,8 +690,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Site(SiteCmd::List) => {
-            let e = open(&cli)?;
-            let sites = e.vault.sites()?;
+            let sites = api(&cli)?.sites()?;
             if j {
                 output::json(&sites)
             } else {
@@ -646,43 +707,54 @@ pub fn run(cli: Cli) -> Result<()> {
             switches,
             accel,
         }) => {
-            let e = open(&cli)?;
             let d: DriverKind = driver.parse().map_err(anyhow::Error::msg)?;
-            let h = e.add_host(name, site, d, root.clone(), switches.clone(), accel.clone())?;
+            let root = root.as_ref().map(|r| {
+                if r.is_absolute() || cli.server.is_some() {
+                    r.display().to_string()
+                } else {
+                    std::env::current_dir()
+                        .map(|c| c.join(r))
+                        .unwrap_or_else(|_| r.clone())
+                        .display()
+                        .to_string()
+                }
+            });
+            let h = api(&cli)?.add_host(&HostAdd {
+                name: name.clone(),
+                site: site.clone(),
+                driver: d,
+                root,
+                switches: switches.clone(),
+                accel: accel.clone(),
+            })?;
             if j {
-                output::json(&host_json(&e, &h))
+                output::json(&h)
             } else {
                 println!(
                     "host {} at site {} ({} driver, root {})",
-                    h.name,
-                    h.site,
-                    h.driver.as_str(),
-                    h.root.display()
+                    h.name, h.site, h.driver, h.root
                 )
             }
         }
         Cmd::Host(HostCmd::List) => {
-            let e = open(&cli)?;
-            let hosts: Vec<_> = e.vault.hosts()?.iter().map(|h| host_json(&e, h)).collect();
+            let hosts = api(&cli)?.hosts()?;
             if j {
                 output::json(&hosts)
             } else {
                 for h in hosts {
                     println!(
                         "{:<16} {:<12} {:<5} connected={} switches={}",
-                        h["name"].as_str().unwrap_or(""),
-                        h["site"].as_str().unwrap_or(""),
-                        h["driver"].as_str().unwrap_or(""),
-                        h["connected"],
-                        h["switches"]
+                        h.name,
+                        h.site,
+                        h.driver,
+                        h.connected,
+                        serde_json::to_string(&h.switches).unwrap_or_default()
                     );
                 }
             }
         }
         Cmd::Host(HostCmd::Show { name }) => {
-            let e = open(&cli)?;
-            let h = e.host(name)?;
-            output::json(&host_json(&e, &h));
+            output::json(&api(&cli)?.host(name)?);
         }
         Cmd::Vm(VmCmd::Create {
             name,
@@ -692,86 +764,55 @@ pub fn run(cli: Cli) -> Result<()> {
             cpus,
             memory,
         }) => {
-            let e = open(&cli)?;
-            ferry_model::validate_name("VM", name)?;
-            let h = e.host(host)?;
-            let d = e.driver(&h)?;
-            d.check_connected()?;
-            let info = d.create_vm(&ferry_hypervisor::VmSpec {
+            let v = api(&cli)?.create_vm(&VmCreate {
                 name: name.clone(),
+                host: host.clone(),
+                disks: disks.clone(),
+                switches: switches.clone(),
                 cpus: *cpus,
                 memory: *memory,
-                disks: disks.clone(),
-                nics: switches.clone(),
             })?;
-            if j {
-                output::json(&vm_json(&e, &h, &info))
-            } else {
-                println!(
+            print_vm(&v, j, |v| {
+                format!(
                     "VM {} created on host {} ({} disks, stopped)",
-                    info.name,
-                    h.name,
-                    info.disks.len()
+                    v.name,
+                    v.host,
+                    v.disks.len()
                 )
-            }
+            });
         }
         Cmd::Vm(VmCmd::Start { name, host }) | Cmd::Vm(VmCmd::Stop { name, host }) => {
-            let e = open(&cli)?;
-            let (h, _) = e.locate_vm(name, host.as_deref())?;
-            let d = e.driver(&h)?;
-            let start = matches!(cli.cmd, Cmd::Vm(VmCmd::Start { .. }));
-            if start {
-                d.start_vm(name)?
-            } else {
-                d.stop_vm(name)?
-            }
-            let info = d.get_vm(name)?.context("VM vanished")?;
-            if j {
-                output::json(&vm_json(&e, &h, &info))
-            } else {
-                println!(
-                    "VM {} on host {} is {}",
-                    name,
-                    h.name,
-                    if info.power == ferry_hypervisor::Power::Running {
-                        "running"
-                    } else {
-                        "stopped"
-                    }
-                )
-            }
+            let running = matches!(cli.cmd, Cmd::Vm(VmCmd::Start { .. }));
+            let v = api(&cli)?.set_power(
+                name,
+                &VmPower {
+                    running,
+                    host: host.clone(),
+                },
+            )?;
+            print_vm(&v, j, |v| {
+                format!("VM {} on host {} is {}", v.name, v.host, v.power)
+            });
         }
         Cmd::Vm(VmCmd::List) => {
-            let e = open(&cli)?;
-            let mut out = Vec::new();
-            for h in e.vault.hosts()? {
-                let d = e.driver(&h)?;
-                if d.check_connected().is_err() {
-                    continue;
-                }
-                for vm in d.list_vms()? {
-                    out.push(vm_json(&e, &h, &vm));
-                }
-            }
+            let out = api(&cli)?.vms()?;
             if j {
                 output::json(&out)
             } else {
                 for v in out {
                     println!(
                         "{:<20} {:<12} {:<10} {:?} disks={}",
-                        v["name"].as_str().unwrap_or(""),
-                        v["host"].as_str().unwrap_or(""),
-                        v["site"].as_str().unwrap_or(""),
-                        v["power"].as_str().unwrap_or(""),
-                        v["disks"].as_array().map(|a| a.len()).unwrap_or(0)
+                        v.name,
+                        v.host,
+                        v.site,
+                        v.power,
+                        v.disks.len()
                     );
                 }
             }
         }
         Cmd::Vm(VmCmd::Show { name, host }) => {
-            let e = open(&cli)?;
-            let (h, info) = e.locate_vm(name, host.as_deref())?;
-            output::json(&vm_json(&e, &h, &info));
+            output::json(&api(&cli)?.vm(name, host.as_deref())?);
         }
         Cmd::Protect {
             vm,
@@ -782,9 +823,18 @@ pub fn run(cli: Cli) -> Result<()> {
             key,
             data,
         } => {
-            let e = open_with_key(&cli, key)?;
-            let job = e.protect(vm, to, *rpo, *retention, *block_size, data.opts())?;
-            output::job(&job, j);
+            let r = api(&cli)?.protect(
+                vm,
+                &ProtectReq {
+                    to: to.clone(),
+                    rpo_s: rpo.as_secs(),
+                    retention_s: retention.as_secs(),
+                    block_size: *block_size,
+                    key: key_arg(key),
+                    data: data.opts(),
+                },
+            )?;
+            print_run(&r, j);
         }
         Cmd::Replicate {
             vm,
@@ -792,13 +842,18 @@ pub fn run(cli: Cli) -> Result<()> {
             verify,
             data,
         } => {
-            let e = open_with_key(&cli, key)?;
-            output::job(&e.replicate(vm, data.opts(), *verify)?, j);
+            let r = api(&cli)?.replicate(
+                vm,
+                &ReplicateReq {
+                    key: key_arg(key),
+                    verify: *verify,
+                    data: data.opts(),
+                },
+            )?;
+            print_run(&r, j);
         }
         Cmd::Points { vm } => {
-            let e = open(&cli)?;
-            e.item(vm)?;
-            let pts = e.vault.points(vm)?;
+            let pts = api(&cli)?.points(vm)?;
             if j {
                 output::json(&pts)
             } else {
@@ -826,7 +881,6 @@ pub fn run(cli: Cli) -> Result<()> {
             if *test {
                 bail!("test failover is not available in this version of ferry yet");
             }
-            let e = open_with_key(&cli, key)?;
             let mode = if *unplanned {
                 FailoverMode::Unplanned
             } else {
@@ -843,48 +897,27 @@ pub fn run(cli: Cli) -> Result<()> {
             if point.is_some() && mode == FailoverMode::Planned {
                 bail!("--point applies to unplanned failovers; add --unplanned");
             }
-            output::job(
-                &e.failover(vm, mode, point, host.as_deref(), data.opts())?,
-                j,
-            );
+            let r = api(&cli)?.failover(
+                vm,
+                &FailoverReq {
+                    mode,
+                    point,
+                    host: host.clone(),
+                    key: key_arg(key),
+                    data: data.opts(),
+                },
+            )?;
+            print_run(&r, j);
         }
         Cmd::Failback { vm, flags } => {
-            let e = open_with_key(&cli, &flags.key)?;
-            let opts = flags.opts()?;
-            let (job, dry) = e.failback(vm, &opts)?;
-            if let Some(d) = dry {
-                if j {
-                    output::json(&d)
-                } else {
-                    println!(
-                        "dry run: failback of {} to host {} with --sync {}",
-                        d.vm,
-                        d.host,
-                        d.sync.as_str()
-                    );
-                    for x in &d.disks {
-                        println!(
-                            "  disk {}: {} of {} blocks differ ({})",
-                            x.index,
-                            x.blocks_to_move,
-                            x.blocks,
-                            ferry_model::format_bytes(x.bytes_to_move)
-                        );
-                    }
-                    println!(
-                        "would move {} in {} blocks; read {} to find out",
-                        ferry_model::format_bytes(d.bytes_to_move),
-                        d.blocks_to_move,
-                        ferry_model::format_bytes(d.bytes_read)
-                    );
-                    println!(
-                        "recommendation: --sync {} ({})",
-                        d.recommended_sync.as_str(),
-                        d.reason
-                    );
-                }
-            } else if let Some(job) = job {
-                output::job(&job, j);
+            let r = api(&cli)?.failback(vm, &flags.req()?)?;
+            for m in &r.messages {
+                eprintln!("{m}");
+            }
+            if let Some(d) = &r.dry_run {
+                print_dry_run(d, j);
+            } else if let Some(job) = &r.job {
+                output::job(job, j);
                 if !j && job.state == JobState::Waiting {
                     println!("phase 1 done; the recovery VM keeps running. Run `ferry complete {vm}` for phase 2 (or `ferry failback {vm}` for another pre-sync round).");
                 }
@@ -896,78 +929,73 @@ pub fn run(cli: Cli) -> Result<()> {
             verify,
             data,
         } => {
-            let e = open_with_key(&cli, key)?;
-            output::job(&e.complete(vm, data.opts(), *verify)?, j);
+            let r = api(&cli)?.complete(
+                vm,
+                &CompleteReq {
+                    key: key_arg(key),
+                    verify: *verify,
+                    data: data.opts(),
+                },
+            )?;
+            print_run(&r, j);
         }
-        Cmd::Cancel { vm } => {
-            let e = open(&cli)?;
-            output::job(&e.cancel(vm)?, j);
-        }
-        Cmd::Commit { vm } => {
-            let e = open(&cli)?;
-            output::job(&e.commit(vm)?, j);
-        }
+        Cmd::Cancel { vm } => print_run(&api(&cli)?.cancel(vm)?, j),
+        Cmd::Commit { vm } => print_run(&api(&cli)?.commit(vm)?, j),
         Cmd::ReverseReplicate {
             vm,
             key,
             verify,
             data,
         } => {
-            let e = open_with_key(&cli, key)?;
-            output::job(&e.reverse_replicate(vm, data.opts(), *verify)?, j);
+            let r = api(&cli)?.reverse_replicate(
+                vm,
+                &ReplicateReq {
+                    key: key_arg(key),
+                    verify: *verify,
+                    data: data.opts(),
+                },
+            )?;
+            print_run(&r, j);
         }
-        Cmd::Status { vm } => {
-            let e = open(&cli)?;
-            match vm {
-                Some(vm) => {
-                    let s = match e.vault.item(vm)? {
-                        Some(_) => serde_json::to_value(e.status(vm)?)?,
-                        None => {
-                            e.locate_vm(vm, None)?;
-                            json!({"vm": vm, "state": "unprotected", "active_site": "primary"})
-                        }
-                    };
-                    if j {
-                        output::json(&s)
-                    } else {
-                        println!(
-                            "{}: {} (active at the {} site)",
-                            vm,
-                            s["state"].as_str().unwrap_or(""),
-                            s["active_site"].as_str().unwrap_or("")
-                        );
-                        if let Some(job) = s.get("job").and_then(|v| {
-                            serde_json::from_value::<ferry_model::Job>(v.clone()).ok()
-                        }) {
-                            println!("  {}", output::job_line(&job));
-                        }
+        Cmd::Status { vm } => match vm {
+            Some(vm) => {
+                let s = api(&cli)?.status(vm)?;
+                if j {
+                    output::json(&s)
+                } else {
+                    println!(
+                        "{}: {} (active at the {} site)",
+                        vm,
+                        s.state.as_str(),
+                        s.active_site
+                    );
+                    if let Some(r) = &s.rpo {
+                        println!("  {}", rpo_line(r));
                     }
-                }
-                None => {
-                    let all: Vec<_> = e
-                        .vault
-                        .items()?
-                        .iter()
-                        .map(|i| e.status(&i.vm))
-                        .collect::<Result<_>>()?;
-                    if j {
-                        output::json(&all)
-                    } else {
-                        for s in all {
-                            println!(
-                                "{:<20} {:<26} active={}",
-                                s.vm,
-                                s.state.as_str(),
-                                s.active_site
-                            );
-                        }
+                    if let Some(job) = &s.job {
+                        println!("  {}", output::job_line(job));
                     }
                 }
             }
-        }
+            None => {
+                let all = api(&cli)?.statuses()?;
+                if j {
+                    output::json(&all)
+                } else {
+                    for s in all {
+                        let rpo = s.rpo.as_ref().map(rpo_line).unwrap_or_default();
+                        println!(
+                            "{:<20} {:<26} active={} {rpo}",
+                            s.vm,
+                            s.state.as_str(),
+                            s.active_site
+                        );
+                    }
+                }
+            }
+        },
         Cmd::Jobs { all } => {
-            let e = open(&cli)?;
-            let jobs = e.vault.jobs(*all)?;
+            let jobs = api(&cli)?.jobs(*all)?;
             if j {
                 output::json(&jobs)
             } else {
@@ -977,38 +1005,23 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Job(JobCmd::Show { id }) => {
-            let e = open(&cli)?;
-            let job = e
-                .vault
-                .job(*id)?
-                .ok_or_else(|| anyhow::anyhow!("no job {id}; list jobs with `ferry jobs --all`"))?;
-            output::job(&job, j);
+            output::job(&api(&cli)?.job(*id)?, j);
         }
         Cmd::Job(JobCmd::Watch { id }) => {
-            let e = open(&cli)?;
             let bar = if output::show_progress(j) {
                 Some(output::progress_observer())
             } else {
                 None
             };
-            loop {
-                let job = e.vault.job(*id)?.ok_or_else(|| {
-                    anyhow::anyhow!("no job {id}; list jobs with `ferry jobs --all`")
-                })?;
-                if job.state != JobState::Running && job.state != JobState::Queued {
-                    if let Some((_, b)) = &bar {
-                        output::finish_bar(b);
-                    }
-                    output::job(&job, j);
-                    break;
-                }
+            let job = api(&cli)?.watch_job(*id, &mut |job| {
                 if let Some((obs, _)) = &bar {
-                    obs(&job);
+                    obs(job);
                 }
-                std::thread::sleep(Duration::from_millis(200));
-                // A job whose process died is settled by re-opening.
-                let _ = Engine::open(&home(&cli))?;
+            })?;
+            if let Some((_, b)) = &bar {
+                output::finish_bar(b);
             }
+            output::job(&job, j);
         }
         Cmd::Key(KeyCmd::New { file }) => {
             let k = ferry_store::crypto::Key::create_file(file)?;
@@ -1020,8 +1033,13 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Verify { vm, point, key } => {
-            let e = open_with_key(&cli, key)?;
-            let r = e.verify(vm, *point)?;
+            let r = api(&cli)?.verify(
+                vm,
+                &VerifyReq {
+                    point: *point,
+                    key: key_arg(key),
+                },
+            )?;
             if j {
                 output::json(&r)
             } else {
@@ -1034,6 +1052,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::Serve {
+            listen,
+            tls_cert,
+            tls_key: _,
+        } => {
+            if cli.server.is_some() {
+                bail!("`ferry serve` runs a server over --home; it does not take --server");
+            }
+            if tls_cert.is_some() {
+                bail!("--tls-cert/--tls-key: TLS is not built into this version of ferry serve yet; listen on 127.0.0.1 and put a TLS-terminating proxy in front (docs/deploy.md)");
+            }
+            ferry_server::serve(&home(&cli), listen)?;
+        }
+        Cmd::Token(t) => run_token(&cli, t)?,
         Cmd::Demo {
             dir,
             disk_size,
@@ -1047,12 +1079,114 @@ pub fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
-    use ferry_engine::PlanAction;
+fn rpo_line(r: &RpoView) -> String {
+    let age = r
+        .last_point_age_s
+        .map(|a| format!("{a} s"))
+        .unwrap_or_else(|| "none yet".into());
+    format!(
+        "rpo {} s, newest point {age} old: {}",
+        r.target_s,
+        if r.healthy { "healthy" } else { "LATE" }
+    )
+}
+
+fn print_dry_run(d: &DryRun, j: bool) {
+    if j {
+        return output::json(d);
+    }
+    println!(
+        "dry run: failback of {} to host {} with --sync {}",
+        d.vm,
+        d.host,
+        d.sync.as_str()
+    );
+    for x in &d.disks {
+        println!(
+            "  disk {}: {} of {} blocks differ ({})",
+            x.index,
+            x.blocks_to_move,
+            x.blocks,
+            ferry_model::format_bytes(x.bytes_to_move)
+        );
+    }
+    println!(
+        "would move {} in {} blocks; read {} to find out",
+        ferry_model::format_bytes(d.bytes_to_move),
+        d.blocks_to_move,
+        ferry_model::format_bytes(d.bytes_read)
+    );
+    println!(
+        "recommendation: --sync {} ({})",
+        d.recommended_sync.as_str(),
+        d.reason
+    );
+}
+
+fn run_token(cli: &Cli, t: &TokenCmd) -> Result<()> {
     let j = cli.json;
-    let (name, action, key, data) = match p {
+    let api = api(cli)?;
+    match t {
+        TokenCmd::New { name, role, host } => {
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            let t = api.token_new(&TokenNew {
+                name: name.clone(),
+                role,
+                host: host.clone(),
+            })?;
+            if j {
+                output::json(&t);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "token {} ({}{}) created; this is the only time its secret is shown: pass it as --token or FERRY_TOKEN",
+                    t.name,
+                    t.role.as_str(),
+                    t.host.as_deref().map(|h| format!(" for host {h}")).unwrap_or_default()
+                );
+            }
+        }
+        TokenCmd::List => {
+            let all = api.tokens()?;
+            if j {
+                output::json(&all);
+            } else {
+                for t in all {
+                    println!(
+                        "{:<20} {:<9} {:<12} created {}",
+                        t.name,
+                        t.role.as_str(),
+                        t.host.as_deref().unwrap_or("-"),
+                        t.created_at
+                    );
+                }
+            }
+        }
+        TokenCmd::Revoke { name } => {
+            let t = api.token_revoke(name)?;
+            if j {
+                output::json(&t);
+            } else {
+                println!("token {} revoked", t.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
+    let j = cli.json;
+    let base = |action| PlanRunReq {
+        action,
+        mode: FailoverMode::Planned,
+        host: None,
+        failback: None,
+        verify: false,
+        key: None,
+        data: DataOpts::default(),
+    };
+    let (name, req) = match p {
         PlanCmd::Create { name, groups } => {
-            let e = open(cli)?;
             let groups: Vec<Vec<String>> = groups
                 .iter()
                 .map(|g| {
@@ -1062,21 +1196,23 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
                         .collect()
                 })
                 .collect();
-            let groups = e.create_plan(name, groups)?;
+            let p = api(cli)?.create_plan(&PlanCreate {
+                name: name.clone(),
+                groups,
+            })?;
             if j {
-                output::json(&json!({"name": name, "groups": groups}));
+                output::json(&p);
             } else {
-                println!("plan {name}: {}", fmt_groups(&groups));
+                println!("plan {}: {}", p.name, fmt_groups(&p.groups));
             }
             return Ok(());
         }
         PlanCmd::Show { name } => {
-            let e = open(cli)?;
-            let groups = e.plan(name)?;
+            let p = api(cli)?.plan(name)?;
             if j {
-                output::json(&json!({"name": name, "groups": groups}));
+                output::json(&p);
             } else {
-                println!("plan {name}: {}", fmt_groups(&groups));
+                println!("plan {}: {}", p.name, fmt_groups(&p.groups));
             }
             return Ok(());
         }
@@ -1089,22 +1225,26 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             data,
         } => (
             name,
-            PlanAction::Failover {
+            PlanRunReq {
                 mode: if *unplanned {
                     FailoverMode::Unplanned
                 } else {
                     FailoverMode::Planned
                 },
                 host: host.clone(),
+                key: key_arg(key),
+                data: data.opts(),
+                ..base(PlanActionKind::Failover)
             },
-            key,
-            Some(data),
         ),
         PlanCmd::Failback { name, flags } => (
             name,
-            PlanAction::Failback(flags.opts()?),
-            &flags.key,
-            Some(&flags.data),
+            PlanRunReq {
+                failback: Some(flags.req()?),
+                key: key_arg(&flags.key),
+                data: flags.data.opts(),
+                ..base(PlanActionKind::Failback)
+            },
         ),
         PlanCmd::Complete {
             name,
@@ -1113,18 +1253,24 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             data,
         } => (
             name,
-            PlanAction::Complete { verify: *verify },
-            key,
-            Some(data),
+            PlanRunReq {
+                verify: *verify,
+                key: key_arg(key),
+                data: data.opts(),
+                ..base(PlanActionKind::Complete)
+            },
         ),
-        PlanCmd::Commit { name } => (name, PlanAction::Commit, &None, None),
-        PlanCmd::ReverseReplicate { name, key, data } => {
-            (name, PlanAction::ReverseReplicate, key, Some(data))
-        }
+        PlanCmd::Commit { name } => (name, base(PlanActionKind::Commit)),
+        PlanCmd::ReverseReplicate { name, key, data } => (
+            name,
+            PlanRunReq {
+                key: key_arg(key),
+                data: data.opts(),
+                ..base(PlanActionKind::ReverseReplicate)
+            },
+        ),
     };
-    let e = open_with_key(cli, key)?;
-    let opts = data.map(|d| d.opts()).unwrap_or_default();
-    let r = e.run_plan(name, action, opts)?;
+    let r = api(cli)?.run_plan(name, &req)?;
     if j {
         output::json(&r);
     } else {

@@ -10,7 +10,9 @@ mod output;
 fn main() -> ExitCode {
     use clap::Parser;
     let args = cli::Cli::parse();
-    init_logging();
+    // A server logs each request (and its scheduler's cycles) unless told otherwise.
+    let serving = matches!(args.cmd, cli::Cmd::Serve { .. });
+    init_logging(if serving { "warn,ferry_server=info" } else { "warn" });
     let json = args.json;
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -26,13 +28,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Diagnostics on stderr: warnings by default; `FERRY_LOG` takes a filter such as `debug` or
+/// Diagnostics on stderr: `default` (warnings; requests too for `serve`); `FERRY_LOG` takes a filter such as `debug` or
 /// `ferry_engine=debug,ferry_hypervisor=trace`. At `debug`, every timed section (opening a
 /// snapshot, a copy pass, a QMP command, a helper process) prints its duration when it ends.
-fn init_logging() {
+fn init_logging(default: &str) {
     use tracing_subscriber::fmt::format::FmtSpan;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -33,7 +33,9 @@ pub fn fault(point: &str) {
         }
     }
 }
-pub use workflows::{DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts, VerifyReport};
+pub use workflows::{
+    parse_rfc3339, DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts, VerifyReport,
+};
 
 /// Which copy of a protected VM a map or stamp describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,9 @@
 //! Recovery plans: ordered groups of VMs that fail over and back together. A group starts only
 //! when every VM of the previous group is up; every VM's state is checked before anything changes.
 use anyhow::{anyhow, bail, Context, Result};
-use ferry_model::{begin, Command, ItemState, Job, SyncMode};
-use serde::Serialize;
+use ferry_model::{begin, Command, ItemState, SyncMode};
 
-use crate::{DryRun, Engine, FailbackOpts, FailoverMode, RunOpts};
+use crate::{Engine, FailbackOpts, FailoverMode, RunOpts};
 
 /// What a plan command does to each VM of the plan.
 #[derive(Debug, Clone)]
@@ -65,32 +64,7 @@ impl PlanAction {
     }
 }
 
-/// What happened to one VM of a plan run.
-#[derive(Debug, Clone, Serialize)]
-pub struct PlanStep {
-    /// VM name.
-    pub vm: String,
-    /// The job that ran (absent when skipped or for a dry run).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub job: Option<Job>,
-    /// The dry run's prediction.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dry_run: Option<DryRun>,
-    /// True when the VM had already been through this action.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub skipped: bool,
-}
-
-/// Result of a plan command: per group, per VM.
-#[derive(Debug, Clone, Serialize)]
-pub struct PlanRun {
-    /// Plan name.
-    pub plan: String,
-    /// `failover`, `failback`, `complete`, `commit` or `reverse-replicate`.
-    pub action: String,
-    /// Groups in order.
-    pub groups: Vec<Vec<PlanStep>>,
-}
+pub use ferry_api::{PlanRun, PlanStep};
 
 impl Engine {
     /// Creates a plan of ordered VM groups; every VM must exist and appear once.

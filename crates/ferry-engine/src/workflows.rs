@@ -65,56 +65,7 @@ pub struct FailbackOpts {
     pub run: Option<RunOpts>,
 }
 
-/// Per-disk prediction of a dry run.
-#[derive(Debug, Clone, Serialize)]
-pub struct DryRunDisk {
-    /// Disk index.
-    pub index: u32,
-    /// Blocks on the disk.
-    pub blocks: u64,
-    /// Blocks that differ and would move.
-    pub blocks_to_move: u64,
-    /// Bytes those blocks hold.
-    pub bytes_to_move: u64,
-}
-
-/// What a failback would do.
-#[derive(Debug, Clone, Serialize)]
-pub struct DryRun {
-    /// VM name.
-    pub vm: String,
-    /// Sync mode evaluated.
-    pub sync: SyncMode,
-    /// Target host.
-    pub host: String,
-    /// Per-disk figures.
-    pub disks: Vec<DryRunDisk>,
-    /// Total blocks that would move.
-    pub blocks_to_move: u64,
-    /// Total bytes that would move.
-    pub bytes_to_move: u64,
-    /// Bytes ferry had to read to find out.
-    pub bytes_read: u64,
-    /// Recommended sync mode.
-    pub recommended_sync: SyncMode,
-    /// Why.
-    pub reason: String,
-}
-
-/// Result of `ferry verify`.
-#[derive(Debug, Clone, Serialize)]
-pub struct VerifyReport {
-    /// VM name.
-    pub vm: String,
-    /// Point checked.
-    pub point: i64,
-    /// Data blocks read back and checked.
-    pub blocks: u64,
-    /// Bytes of those blocks.
-    pub bytes: u64,
-    /// True when every block matched its hash.
-    pub ok: bool,
-}
+pub use ferry_api::{DryRun, DryRunDisk, VerifyReport};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct FailbackParams {

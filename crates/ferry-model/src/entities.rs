@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use crate::lifecycle::ItemState;
 
 /// Role of a site: where VMs normally run, or where they are recovered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SiteRole {
     /// The on-premises site where protected VMs normally run.
@@ -36,7 +36,7 @@ impl std::str::FromStr for SiteRole {
 }
 
 /// A place VMs run, with its store of replica data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Site {
     /// Unique site name.
     pub name: String,
@@ -47,7 +47,7 @@ pub struct Site {
 }
 
 /// Which hypervisor driver a host uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DriverKind {
     /// Built-in driver: a VM is a folder with `vm.json` and raw disk images; no hypervisor needed.
@@ -78,7 +78,7 @@ impl std::str::FromStr for DriverKind {
 }
 
 /// One hypervisor endpoint at a site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Host {
     /// Unique host name.
     pub name: String,
@@ -87,6 +87,7 @@ pub struct Host {
     /// Driver used to manage VMs on it.
     pub driver: DriverKind,
     /// Folder where the driver keeps VMs.
+    #[schema(value_type = String)]
     pub root: PathBuf,
     /// Names of the virtual switches available on the host.
     pub switches: Vec<String>,
@@ -96,7 +97,7 @@ pub struct Host {
 }
 
 /// A VM under ferry's care.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProtectedItem {
     /// VM name.
     pub vm: String,
@@ -121,7 +122,7 @@ pub struct ProtectedItem {
 }
 
 /// What produced a recovery point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PointKind {
     /// A replication cycle from the primary copy.
@@ -131,7 +132,7 @@ pub enum PointKind {
 }
 
 /// A recovery point as recorded in the vault.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecoveryPoint {
     /// Point id (unique per installation).
     pub id: i64,
@@ -150,7 +151,7 @@ pub struct RecoveryPoint {
 }
 
 /// Kind of durable job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     /// Enable replication and take the first recovery point.
@@ -197,7 +198,7 @@ impl std::str::FromStr for JobKind {
 }
 
 /// State of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Created, not started.
@@ -252,7 +253,7 @@ impl std::str::FromStr for JobState {
 }
 
 /// One step of a job with its byte progress.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Step {
     /// Human-readable step name.
     pub name: String,
@@ -268,7 +269,7 @@ pub struct Step {
 }
 
 /// A durable, observable unit of work.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     /// Job id.
     pub id: i64,
@@ -300,6 +301,81 @@ pub struct Job {
     /// a disk was hash-scanned instead).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+}
+
+/// What an API token may do (`ferry token new NAME --role ROLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Reads everything, changes nothing.
+    Viewer,
+    /// Also runs protect, replicate, failover, failback, complete, cancel, commit and plans.
+    Operator,
+    /// Also changes sites, hosts, VMs and tokens.
+    Admin,
+    /// A host's agent: acts only as its own host.
+    Agent,
+}
+
+impl Role {
+    /// Lower-case name used on the command line and in JSON.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::Agent => "agent",
+        }
+    }
+
+    /// True when a token of this role may do what `needed` may do. Viewer < operator < admin;
+    /// an agent token is only good for its host's agent requests.
+    pub fn allows(&self, needed: Role) -> bool {
+        fn rank(r: Role) -> Option<u8> {
+            match r {
+                Role::Viewer => Some(0),
+                Role::Operator => Some(1),
+                Role::Admin => Some(2),
+                Role::Agent => None,
+            }
+        }
+        match (rank(*self), rank(needed)) {
+            (Some(a), Some(b)) => a >= b,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "viewer" => Role::Viewer,
+            "operator" => Role::Operator,
+            "admin" => Role::Admin,
+            "agent" => Role::Agent,
+            _ => {
+                return Err(format!(
+                    "unknown role {s:?}: use viewer, operator, admin or agent"
+                ))
+            }
+        })
+    }
+}
+
+/// An API token as the vault keeps it (only a hash of its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TokenInfo {
+    /// Unique token name.
+    pub name: String,
+    /// What the token may do.
+    pub role: Role,
+    /// For agent tokens: the one host the token acts as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
 }
 
 /// Formats Unix seconds as an RFC 3339 UTC timestamp (`2026-11-26T11:25:18Z`).
@@ -351,5 +427,19 @@ mod tests {
         assert_eq!("recovery".parse::<SiteRole>().unwrap(), SiteRole::Recovery);
         assert!("qemu".parse::<DriverKind>().is_ok());
         assert!("hyperv".parse::<DriverKind>().is_err());
+        for r in [Role::Viewer, Role::Operator, Role::Admin, Role::Agent] {
+            assert_eq!(r.as_str().parse::<Role>().unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn roles_are_ordered_and_agents_stand_apart() {
+        assert!(Role::Admin.allows(Role::Operator));
+        assert!(Role::Operator.allows(Role::Viewer));
+        assert!(!Role::Viewer.allows(Role::Operator));
+        assert!(!Role::Operator.allows(Role::Admin));
+        assert!(!Role::Agent.allows(Role::Viewer));
+        assert!(!Role::Admin.allows(Role::Agent));
+        assert!(Role::Agent.allows(Role::Agent));
     }
 }

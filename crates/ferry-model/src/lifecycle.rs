@@ -8,7 +8,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Lifecycle state of a protected item; its JSON form is the snake_case name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemState {
     /// Not (yet) under protection; only the primary copy exists.
@@ -167,7 +169,16 @@ impl FromStr for Side {
 
 /// How a failback moves data to the primary disk (`failback --sync`).
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum SyncMode {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_model::{
     DriverKind, Host, ItemState, Job, JobKind, JobState, PointKind, ProtectedItem, RecoveryPoint,
-    Site, SiteRole, Step,
+    Role, Site, SiteRole, Step, TokenInfo,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -46,6 +46,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN notes TEXT NOT NULL DEFAULT '[]';",
     // 4: QEMU accelerator per host
     "ALTER TABLE hosts ADD COLUMN accel TEXT;",
+    // 5: API tokens of `ferry serve` (only a hash of each secret)
+    "CREATE TABLE tokens(name TEXT PRIMARY KEY, role TEXT NOT NULL, host TEXT,
+                         hash TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);",
 ];
 
 /// Errors of the vault.
@@ -91,6 +94,20 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
         .as_secs() as i64;
     ferry_model::rfc3339(secs)
+}
+
+fn token_row(r: &Row) -> rusqlite::Result<TokenInfo> {
+    Ok(TokenInfo {
+        name: r.get(0)?,
+        role: parse::<Role>(r.get(1)?)?,
+        host: r.get(2)?,
+        created_at: r.get(3)?,
+    })
+}
+
+/// The current time as RFC 3339 (for records the vault's callers create).
+pub fn now() -> String {
+    now_rfc3339()
 }
 
 fn parse<T: std::str::FromStr<Err = String>>(s: String) -> rusqlite::Result<T> {
@@ -646,6 +663,52 @@ impl Vault {
             .optional()?)
     }
 
+    // ---- API tokens ----
+
+    /// Adds a token; `hash` is the hash of its secret (the secret itself is never stored).
+    pub fn add_token(&self, t: &TokenInfo, hash: &str) -> Result<()> {
+        if self.tokens()?.iter().any(|x| x.name == t.name) {
+            return Err(VaultError::Exists(format!(
+                "token {} already exists; revoke it with `ferry token revoke {}` or pick another name",
+                t.name, t.name
+            )));
+        }
+        self.conn.execute(
+            "INSERT INTO tokens(name, role, host, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![t.name, t.role.as_str(), t.host, hash, t.created_at],
+        )?;
+        Ok(())
+    }
+
+    /// Every token, by name.
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, role, host, created_at FROM tokens ORDER BY name")?;
+        let rows = st.query_map([], token_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The token whose secret hashes to `hash`, if any.
+    pub fn token_by_hash(&self, hash: &str) -> Result<Option<TokenInfo>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT name, role, host, created_at FROM tokens WHERE hash = ?1",
+                [hash],
+                token_row,
+            )
+            .optional()?)
+    }
+
+    /// Deletes a token; returns it, or `None` when no token has that name.
+    pub fn delete_token(&self, name: &str) -> Result<Option<TokenInfo>> {
+        let t = self.tokens()?.into_iter().find(|t| t.name == name);
+        self.conn
+            .execute("DELETE FROM tokens WHERE name = ?1", [name])?;
+        Ok(t)
+    }
+
     // ---- events ----
 
     /// Appends an event to the log.
@@ -682,6 +745,26 @@ mod tests {
             pid: 1,
             start: "x".into(),
         }
+    }
+
+    #[test]
+    fn tokens_are_found_by_hash_listed_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Vault::create(dir.path()).unwrap();
+        let t = TokenInfo {
+            name: "ops".into(),
+            role: Role::Operator,
+            host: None,
+            created_at: now(),
+        };
+        v.add_token(&t, "h1").unwrap();
+        assert!(matches!(v.add_token(&t, "h2"), Err(VaultError::Exists(_))));
+        assert_eq!(v.token_by_hash("h1").unwrap(), Some(t.clone()));
+        assert_eq!(v.token_by_hash("nope").unwrap(), None);
+        assert_eq!(v.tokens().unwrap(), vec![t.clone()]);
+        assert_eq!(v.delete_token("ops").unwrap(), Some(t));
+        assert_eq!(v.token_by_hash("h1").unwrap(), None);
+        assert_eq!(v.delete_token("ops").unwrap(), None);
     }
 
     #[test]

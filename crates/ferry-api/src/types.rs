@@ -1,0 +1,527 @@
+//! Request and response types of every operation. Requests refuse unknown fields, so a typo in
+//! a script is an error rather than a silently ignored option.
+use ferry_model::{ItemState, Job, Role, SiteRole, SyncMode};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The installation a client talks to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Info {
+    /// The ferry home folder (on the server's machine in server mode).
+    pub home: String,
+    /// The vault file.
+    pub vault: String,
+    /// ferry's version.
+    pub version: String,
+}
+
+/// `ferry site add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteAdd {
+    /// Site name.
+    pub name: String,
+    /// Primary or recovery.
+    pub role: SiteRole,
+    /// Store URL (`file:///abs/dir`, `az://CONTAINER`, `s3://BUCKET`); default: a folder
+    /// under the home.
+    #[serde(default)]
+    pub store: Option<String>,
+}
+
+/// `ferry host add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostAdd {
+    /// Host name.
+    pub name: String,
+    /// Site of the host.
+    pub site: String,
+    /// `dir` or `qemu`.
+    pub driver: ferry_model::DriverKind,
+    /// Folder for the host's VMs (default: `<home>/hosts/NAME`).
+    #[serde(default)]
+    pub root: Option<String>,
+    /// Virtual switches of the host.
+    #[serde(default)]
+    pub switches: Vec<String>,
+    /// qemu: `kvm`, `tcg` or `auto`.
+    #[serde(default)]
+    pub accel: Option<String>,
+}
+
+/// A host as `ferry host show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    /// Host name.
+    pub name: String,
+    /// Site.
+    pub site: String,
+    /// Driver.
+    pub driver: String,
+    /// Folder of the host's VMs.
+    pub root: String,
+    /// Virtual switches.
+    pub switches: Vec<String>,
+    /// True when the host can be used now.
+    pub connected: bool,
+    /// qemu: the accelerator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+}
+
+/// One disk of a [`VmView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskView {
+    /// Position of the disk.
+    pub index: u32,
+    /// Image file on the host.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// False while a sync into it is incomplete (the VM refuses to start).
+    pub consistent: bool,
+    /// qemu: block node name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// qemu: guest device id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// One NIC of a [`VmView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NicView {
+    /// Switch the NIC is attached to.
+    pub switch: String,
+}
+
+/// A VM copy as `ferry vm show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmView {
+    /// VM name.
+    pub name: String,
+    /// Host of this copy.
+    pub host: String,
+    /// Site of the host.
+    pub site: String,
+    /// Driver of the host.
+    pub driver: String,
+    /// `running` or `stopped`.
+    pub power: String,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub memory: u64,
+    /// Disks in index order.
+    pub disks: Vec<DiskView>,
+    /// NICs.
+    pub nics: Vec<NicView>,
+    /// qemu: the QMP socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<String>,
+}
+
+/// `ferry vm create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    /// VM name.
+    pub name: String,
+    /// Host to create it on.
+    pub host: String,
+    /// Disk sizes in bytes.
+    pub disks: Vec<u64>,
+    /// Switch of each NIC.
+    #[serde(default)]
+    pub switches: Vec<String>,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in bytes.
+    pub memory: u64,
+}
+
+/// `ferry vm start|stop`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmPower {
+    /// True to start, false to stop.
+    pub running: bool,
+    /// The copy on this host (default: the active copy).
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// Resources of a command that moves data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataOpts {
+    /// Worker threads (default: the cores of the machine that moves the data).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Cap on bytes transferred between the sites per second.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+}
+
+/// `ferry protect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectReq {
+    /// Recovery site.
+    pub to: String,
+    /// Recovery-point objective in seconds.
+    pub rpo_s: u64,
+    /// Retention of recovery points in seconds.
+    pub retention_s: u64,
+    /// Change-detection block size in bytes.
+    pub block_size: u64,
+    /// Key file (a path where the data moves) for encrypted replication.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Threads and bandwidth.
+    #[serde(default)]
+    pub data: DataOpts,
+}
+
+/// `ferry replicate` and `ferry reverse-replicate`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicateReq {
+    /// Key file (default: the one given to `protect`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Read every block instead of trusting change tracking.
+    #[serde(default)]
+    pub verify: bool,
+    /// Threads and bandwidth.
+    #[serde(default)]
+    pub data: DataOpts,
+}
+
+/// How a failover treats the primary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverMode {
+    /// Stop the primary and replicate its last changes first: no data loss.
+    #[default]
+    Planned,
+    /// Recover from an existing point without touching the primary.
+    Unplanned,
+}
+
+/// `ferry failover`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverReq {
+    /// Planned (default) or unplanned.
+    #[serde(default)]
+    pub mode: FailoverMode,
+    /// Unplanned: the point id (default: the latest).
+    #[serde(default)]
+    pub point: Option<i64>,
+    /// Recovery host (default: the first host of the recovery site).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Key file of an encrypted VM.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Threads and bandwidth.
+    #[serde(default)]
+    pub data: DataOpts,
+}
+
+/// `ferry failback`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailbackReq {
+    /// `delta` (default) or `full`.
+    #[serde(default)]
+    pub sync: Option<SyncMode>,
+    /// Alternate primary host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Create the VM on the target host if it is missing.
+    #[serde(default)]
+    pub create_vm: bool,
+    /// Key file of an encrypted VM.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Run phase 2 right after phase 1.
+    #[serde(default)]
+    pub auto_complete: bool,
+    /// Only predict what would move.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Read every block and compare hashes after the sync.
+    #[serde(default)]
+    pub verify: bool,
+    /// Threads and bandwidth.
+    #[serde(default)]
+    pub data: DataOpts,
+}
+
+/// `ferry complete`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteReq {
+    /// Key file (default: the one given to `protect`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Read every block and compare hashes after the sync.
+    #[serde(default)]
+    pub verify: bool,
+    /// Threads and bandwidth.
+    #[serde(default)]
+    pub data: DataOpts,
+}
+
+/// `ferry verify`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyReq {
+    /// Point id (default: the newest).
+    #[serde(default)]
+    pub point: Option<i64>,
+    /// Key file of an encrypted VM.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// What a command that runs a job returns: the job (or a dry run's prediction) and the notes
+/// for the operator that came up on the way (e.g. the failback recommendation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunReply {
+    /// The job that ran, waits or was continued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
+    /// A failback dry run's prediction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<DryRun>,
+    /// Notes for the operator (printed on stderr by the CLI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<String>,
+}
+
+/// Per-disk prediction of a dry run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DryRunDisk {
+    /// Disk index.
+    pub index: u32,
+    /// Blocks on the disk.
+    pub blocks: u64,
+    /// Blocks that differ and would move.
+    pub blocks_to_move: u64,
+    /// Bytes those blocks hold.
+    pub bytes_to_move: u64,
+}
+
+/// What a failback would do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DryRun {
+    /// VM name.
+    pub vm: String,
+    /// Sync mode evaluated.
+    pub sync: SyncMode,
+    /// Target host.
+    pub host: String,
+    /// Per-disk figures.
+    pub disks: Vec<DryRunDisk>,
+    /// Total blocks that would move.
+    pub blocks_to_move: u64,
+    /// Total bytes that would move.
+    pub bytes_to_move: u64,
+    /// Bytes ferry had to read to find out.
+    pub bytes_read: u64,
+    /// Recommended sync mode.
+    pub recommended_sync: SyncMode,
+    /// Why.
+    pub reason: String,
+}
+
+/// Result of `ferry verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VerifyReport {
+    /// VM name.
+    pub vm: String,
+    /// Point checked.
+    pub point: i64,
+    /// Data blocks read back and checked.
+    pub blocks: u64,
+    /// Bytes of those blocks.
+    pub bytes: u64,
+    /// True when every block matched its hash.
+    pub ok: bool,
+}
+
+/// How far a VM's newest recovery point lags behind its RPO target (server mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RpoView {
+    /// The target in seconds.
+    pub target_s: u64,
+    /// Age of the newest point in seconds (absent before the first point).
+    pub last_point_age_s: Option<u64>,
+    /// True while the newest point is younger than the target (plus a grace for the cycle).
+    pub healthy: bool,
+}
+
+/// `ferry status VM`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StatusView {
+    /// VM name.
+    pub vm: String,
+    /// Lifecycle state.
+    pub state: ItemState,
+    /// `primary` or `recovery`.
+    pub active_site: String,
+    /// The job running, waiting or last interrupted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
+    /// Replication health against the RPO (server mode, protected VMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo: Option<RpoView>,
+}
+
+/// `ferry plan create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanCreate {
+    /// Plan name.
+    pub name: String,
+    /// Groups of VM names, in order.
+    pub groups: Vec<Vec<String>>,
+}
+
+/// A plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlanView {
+    /// Plan name.
+    pub name: String,
+    /// Groups of VM names, in order.
+    pub groups: Vec<Vec<String>>,
+}
+
+/// What a plan command does to each VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PlanActionKind {
+    /// Fail every VM over.
+    Failover,
+    /// Fail every VM back.
+    Failback,
+    /// Phase 2 of every waiting failback.
+    Complete,
+    /// Commit every VM.
+    Commit,
+    /// Protect every failed-back VM again.
+    ReverseReplicate,
+}
+
+/// `ferry plan failover|failback|complete|commit|reverse-replicate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRunReq {
+    /// The action.
+    pub action: PlanActionKind,
+    /// failover: planned or unplanned.
+    #[serde(default)]
+    pub mode: FailoverMode,
+    /// failover: the recovery host of every VM.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// failback: its options (`host` there is the alternate primary host).
+    #[serde(default)]
+    pub failback: Option<FailbackReq>,
+    /// complete: compare every block after the sync.
+    #[serde(default)]
+    pub verify: bool,
+    /// Key file of encrypted VMs.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Threads and bandwidth.
+    #[serde(default)]
+    pub data: DataOpts,
+}
+
+/// What happened to one VM of a plan run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlanStep {
+    /// VM name.
+    pub vm: String,
+    /// The job that ran (absent when skipped or for a dry run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
+    /// The dry run's prediction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<DryRun>,
+    /// True when the VM had already been through this action.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+/// Result of a plan command: per group, per VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PlanRun {
+    /// Plan name.
+    pub plan: String,
+    /// `failover`, `failback`, `complete`, `commit` or `reverse-replicate`.
+    pub action: String,
+    /// Groups in order.
+    pub groups: Vec<Vec<PlanStep>>,
+}
+
+/// `ferry token new`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenNew {
+    /// Token name.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// Agent tokens: the host it acts as.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+/// A new token with its secret (shown once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    /// Token name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Agent tokens: the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The secret: pass it as `--token` / `FERRY_TOKEN`; only its hash is kept.
+    pub token: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let e = serde_json::from_str::<FailbackReq>(r#"{"sync":"delta","sink":"full"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `sink`"), "{e}");
+        let ok: FailbackReq = serde_json::from_str(r#"{"sync":"full"}"#).unwrap();
+        assert_eq!(ok.sync, Some(SyncMode::Full));
+    }
+
+    #[test]
+    fn a_skipped_plan_step_round_trips() {
+        let s = PlanStep {
+            vm: "a".into(),
+            job: None,
+            dry_run: None,
+            skipped: true,
+        };
+        let back: PlanStep = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}

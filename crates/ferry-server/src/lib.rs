@@ -1,0 +1,102 @@
+//! ferry's operations behind one interface ([`ferry_api::Api`]): [`Local`] runs them
+//! in-process over the engine (embedded mode), [`serve`] puts the same code behind a REST API
+//! with tokens and roles, and runs the replication scheduler.
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+pub mod http;
+pub mod local;
+pub mod scheduler;
+
+pub use local::Local;
+
+/// How long a stopping server waits for the jobs it runs to stop after it cancelled them.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Runs `ferry serve`: the API of the installation at `home` on `listen` (`127.0.0.1:7450`;
+/// port 0 picks a free one) until SIGTERM or SIGINT. Prints `listening on URL` on stdout
+/// once it accepts connections. On a signal it cancels the jobs it runs (a re-run of their
+/// command continues them) and exits.
+pub fn serve(home: &Path, listen: &str) -> Result<()> {
+    ferry_engine::Engine::init(home)?;
+    let mut local = Local::new(home);
+    local.set_server_mode();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry-serve")
+        .build()?;
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen} (in use, or not an address of this machine?); pick another with --listen HOST:PORT"))?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        std::io::stdout().flush().ok();
+        tracing::info!("ferry serve: home {}, listening on http://{addr}", home.display());
+        let sched = scheduler::Scheduler::start(local.clone());
+        let app = http::router(http::Srv {
+            local: local.clone(),
+        });
+        tokio::select! {
+            r = axum::serve(listener, app) => r.context("the HTTP server stopped")?,
+            _ = shutdown_signal() => tracing::info!("ferry serve: stopping"),
+        }
+        sched.stop();
+        anyhow::Ok(())
+    });
+    let home = home.to_path_buf();
+    // Jobs run on blocking threads of this process: cancel them cleanly before exiting.
+    cancel_own_jobs(&home);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+/// Requests cancellation of every job this process runs and waits (up to [`STOP_GRACE`]) for
+/// them to stop.
+fn cancel_own_jobs(home: &Path) {
+    let Ok(vault) = ferry_vault::Vault::open(home) else {
+        return;
+    };
+    let me = std::process::id() as i64;
+    let own: Vec<i64> = vault
+        .jobs(false)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|j| j.state == ferry_model::JobState::Running)
+        .filter(|j| {
+            vault
+                .job_runner(j.id)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.pid == me)
+        })
+        .map(|j| j.id)
+        .collect();
+    for id in &own {
+        let _ = vault.request_cancel(*id);
+    }
+    let t = std::time::Instant::now();
+    while t.elapsed() < STOP_GRACE
+        && own.iter().any(|id| {
+            vault
+                .job(*id)
+                .ok()
+                .flatten()
+                .is_some_and(|j| j.state == ferry_model::JobState::Running)
+        })
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
