@@ -12,7 +12,11 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     // A server logs each request (and its scheduler's cycles) unless told otherwise.
     let serving = matches!(args.cmd, cli::Cmd::Serve { .. });
-    init_logging(if serving { "warn,ferry_server=info" } else { "warn" });
+    init_logging(if serving {
+        "warn,ferry_server=info"
+    } else {
+        "warn"
+    });
     let json = args.json;
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,

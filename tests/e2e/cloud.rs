@@ -26,7 +26,8 @@ fn rand_suffix() -> u32 {
 }
 
 fn lifecycle_on(store: &str) {
-    let f = Ferry::new();
+    // Store credentials are the environment of each command (served: a server's own).
+    let f = Ferry::embedded();
     f.ok(&["init"]);
     f.ok(&["site", "add", "prim", "--role", "primary"]);
     f.ok(&["site", "add", "dr", "--role", "recovery", "--store", store]);
@@ -169,7 +170,8 @@ fn store_server_dies_mid_replication_and_mid_failback_nothing_lost() {
         return;
     }
     let az = OwnAzurite::start();
-    let f = Ferry::new();
+    // Store credentials are the environment of each command (served: a server's own).
+    let f = Ferry::embedded();
     f.ok(&["init"]);
     f.ok(&["site", "add", "prim", "--role", "primary"]);
     let store = format!("az://{}", unique("ferry-fault-"));

@@ -4,32 +4,13 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-/// Runs `ferry ARGS…` with an injected crash at `point`; returns its output.
-fn crash_at(f: &Ferry, point: &str, args: &[&str]) -> std::process::Output {
-    let child = f
-        .command(args)
-        .env("FERRY_FAULT", point)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = wait_output(child, CMD_TIMEOUT, point);
-    assert_ne!(
-        out.status.code(),
-        Some(0),
-        "{point}: the process must have died"
-    );
-    out
-}
-
 #[test]
 fn crash_after_primary_started_never_overwrites_its_new_writes() {
     let f = Ferry::new();
     f.setup_two_sites(&["lan"]);
     let (prim, rec) = f.failed_over_vm("app", &[8 * MIB], &["lan"], 4 * MIB);
     write_random(&rec[0], 0, MIB, 501);
-    crash_at(
-        &f,
+    f.crash_at(
         "failback-after-start-primary",
         &["failback", "app", "--auto-complete"],
     );
@@ -57,8 +38,7 @@ fn crash_before_primary_started_finishes_by_starting_it() {
     f.setup_two_sites(&["lan"]);
     let (prim, rec) = f.failed_over_vm("app", &[8 * MIB], &["lan"], 4 * MIB);
     write_random(&rec[0], MIB, MIB, 511);
-    crash_at(
-        &f,
+    f.crash_at(
         "failback-before-start-primary",
         &["failback", "app", "--auto-complete"],
     );
@@ -76,8 +56,7 @@ fn crash_after_recovery_vm_started_keeps_its_writes() {
     let f = Ferry::new();
     f.setup_two_sites(&["lan"]);
     let prim = f.protected_vm("app", &[8 * MIB], &["lan"], 4 * MIB);
-    crash_at(
-        &f,
+    f.crash_at(
         "failover-after-start-recovery",
         &["failover", "app", "--planned"],
     );

@@ -175,8 +175,7 @@ fn kill_9_during_delta_failback_then_resume() {
     let mut child = f.spawn(&["failback", "app", "--bandwidth", BW, "--auto-complete"]);
     let s = wait_moving(&f, &mut child, &["failback_syncing"], 6 * MIB);
     let id = job_id(&s["job"]);
-    child.kill().expect("SIGKILL the job runner");
-    child.wait().unwrap();
+    f.kill_job_runner(&mut child);
 
     // The next command notices the abandoned job.
     let s = f.status("app");

@@ -4,6 +4,10 @@
 //! `RUST_LOG` are removed from the environment so a developer's shell cannot leak in.
 //! Every command runs with a timeout so a hung binary fails the test instead of hanging it.
 //! Set `FERRY_E2E_KEEP=1` to keep the home folders of the tests for inspection.
+//!
+//! Served mode: [`Ferry::served`] (or every [`Ferry::new`] when `FERRY_E2E_SERVE=1`) starts a
+//! real `ferry serve` over the home and runs every command as a client (`--server URL
+//! --token T`, no `--home`), so the same test proves both modes print the same.
 
 #![allow(dead_code)]
 
@@ -33,6 +37,89 @@ pub const PRIMARY_HOST: &str = "h1";
 pub struct Ferry {
     home: Option<tempfile::TempDir>,
     home_path: PathBuf,
+    server: std::sync::Mutex<Option<Server>>,
+    /// Environment every server of this Ferry gets (served mode).
+    server_env: Vec<(String, String)>,
+}
+
+/// A `ferry serve` process over a test's home, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    /// An admin token of the server.
+    pub token: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True when `FERRY_E2E_SERVE=1` runs the whole suite through `ferry serve`.
+pub fn serve_mode() -> bool {
+    std::env::var("FERRY_E2E_SERVE").is_ok_and(|v| v == "1")
+}
+
+/// Starts `ferry --home HOME serve --listen 127.0.0.1:0` (with `env`) and waits for its
+/// `listening on URL` line. Creates (once) and returns an admin token.
+pub fn start_server(home: &Path, env: &[(&str, &str)]) -> (Child, String) {
+    use std::io::BufRead;
+    let mut c = Command::new(Ferry::bin());
+    c.arg("--home")
+        .arg(home)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("FERRY_HOME")
+        .env_remove("FERRY_SERVER")
+        .env_remove("FERRY_TOKEN")
+        .env("RUST_BACKTRACE", "1")
+        .env(
+            "FERRY_LOG",
+            std::env::var("FERRY_E2E_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().expect("spawn ferry serve");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(out);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep draining so the server never blocks on a full pipe.
+        let _ = std::io::copy(&mut r, &mut std::io::sink());
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("ferry serve printed no `listening on` line within 30 s");
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line of ferry serve: {line:?}"))
+        .to_string();
+    (child, url)
+}
+
+/// `ferry --home HOME token new NAME --role ROLE` (against the home, as an operator of the
+/// server's machine does); returns the secret.
+pub fn new_token(home: &Path, name: &str, role: &str) -> String {
+    let out = Command::new(Ferry::bin())
+        .arg("--home")
+        .arg(home)
+        .args(["token", "new", name, "--role", role])
+        .env_remove("FERRY_SERVER")
+        .env_remove("FERRY_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferry token new");
+    assert_exit(&out, 0, &["token", "new", name]);
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 impl Default for Ferry {
@@ -42,8 +129,16 @@ impl Default for Ferry {
 }
 
 impl Ferry {
-    /// A fresh, empty home (not yet `init`ed).
+    /// A fresh, empty home (not yet `init`ed); served when `FERRY_E2E_SERVE=1`.
     pub fn new() -> Self {
+        if serve_mode() {
+            return Self::served();
+        }
+        Self::embedded()
+    }
+
+    /// A fresh, empty home driven embedded (`--home`), whatever `FERRY_E2E_SERVE` says.
+    pub fn embedded() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ferry-e2e-")
             .tempdir()
@@ -52,7 +147,138 @@ impl Ferry {
         Ferry {
             home: Some(dir),
             home_path,
+            server: std::sync::Mutex::new(None),
+            server_env: Vec::new(),
         }
+    }
+
+    /// Like [`Ferry::new`], with `env` in the environment of whatever runs the jobs (each
+    /// command embedded, or the server when served).
+    pub fn with_env(env: &[(&str, &str)]) -> Self {
+        let mut f = Self::embedded();
+        f.server_env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if serve_mode() {
+            f.start_server(&[]);
+        }
+        f
+    }
+
+    /// A fresh home behind a real `ferry serve`; every command runs as its client with an
+    /// admin token.
+    pub fn served() -> Self {
+        let f = Self::embedded();
+        f.start_server(&[]);
+        f
+    }
+
+    /// True when commands go through a server.
+    pub fn is_served(&self) -> bool {
+        self.server.lock().unwrap().is_some()
+    }
+
+    /// (Re)starts the server over this home with `env` (e.g. `FERRY_FAULT`); the previous
+    /// one is killed (SIGKILL) first.
+    pub fn start_server(&self, env: &[(&str, &str)]) {
+        let token = match self.server.lock().unwrap().take() {
+            Some(old) => old.token.clone(),
+            None => String::new(),
+        };
+        let mut all: Vec<(&str, &str)> = self
+            .server_env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        all.extend_from_slice(env);
+        let (child, url) = start_server(&self.home_path, &all);
+        let token = if token.is_empty() {
+            new_token(&self.home_path, "e2e-admin", "admin")
+        } else {
+            token
+        };
+        *self.server.lock().unwrap() = Some(Server { child, url, token });
+    }
+
+    /// URL and admin token of the server, in served mode.
+    pub fn server_url(&self) -> Option<(String, String)> {
+        self.server
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| (s.url.clone(), s.token.clone()))
+    }
+
+    /// Pid of the server process (served mode).
+    pub fn server_pid(&self) -> u32 {
+        self.server
+            .lock()
+            .unwrap()
+            .as_ref()
+            .expect("served")
+            .child
+            .id()
+    }
+
+    /// True while the server process runs (it is reaped once it exits).
+    pub fn server_alive(&self) -> bool {
+        let mut g = self.server.lock().unwrap();
+        let s = g.as_mut().expect("served");
+        s.child.try_wait().unwrap().is_none()
+    }
+
+    /// Kills whatever runs the jobs of `child`'s command, like a crash: the command's own
+    /// process (embedded), or the server with SIGKILL, which is then started again (served).
+    pub fn kill_job_runner(&self, child: &mut Child) {
+        if self.is_served() {
+            self.start_server(&[]);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Runs `ferry ARGS…` with a crash injected (`FERRY_FAULT=point`, a real SIGKILL) in
+    /// whatever runs its job: the command's process (embedded), or the server, which is then
+    /// started again without the fault (served). Asserts the command did not succeed.
+    #[track_caller]
+    pub fn crash_at(&self, point: &str, args: &[&str]) -> Output {
+        let served = self.is_served();
+        if served {
+            self.start_server(&[("FERRY_FAULT", point)]);
+        }
+        let child = self
+            .command(args)
+            .env("FERRY_FAULT", point)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_output(child, CMD_TIMEOUT, point);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "{point}: the process must have died"
+        );
+        if served {
+            let died = {
+                let mut g = self.server.lock().unwrap();
+                let s = g.as_mut().unwrap();
+                let t = Instant::now();
+                loop {
+                    if s.child.try_wait().unwrap().is_some() {
+                        break true;
+                    }
+                    if t.elapsed() > Duration::from_secs(30) {
+                        break false;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            };
+            assert!(died, "{point}: the server must have died");
+            self.start_server(&[]);
+        }
+        out
     }
 
     pub fn home(&self) -> &Path {
@@ -66,11 +292,19 @@ impl Ferry {
     /// A `Command` for `ferry --home HOME ARGS…` with a clean environment.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(Self::bin());
-        c.arg("--home").arg(&self.home_path);
+        match &*self.server.lock().unwrap() {
+            Some(s) => {
+                c.arg("--server").arg(&s.url).arg("--token").arg(&s.token);
+            }
+            None => {
+                c.arg("--home").arg(&self.home_path);
+            }
+        }
         c.args(args);
         c.env("NO_COLOR", "1")
             .env_remove("FERRY_HOME")
             .env_remove("FERRY_SERVER")
+            .env_remove("FERRY_TOKEN")
             .env_remove("RUST_LOG")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null());
@@ -378,6 +612,8 @@ impl Ferry {
 
 impl Drop for Ferry {
     fn drop(&mut self) {
+        // Stop the server before its home goes.
+        self.server.lock().unwrap().take();
         if std::env::var_os("FERRY_E2E_KEEP").is_some() {
             if let Some(d) = self.home.take() {
                 let p = d.keep();

@@ -14,4 +14,5 @@ mod jobs;
 mod lifecycle;
 mod plans;
 mod qemu;
+mod serve;
 mod setup;

@@ -48,7 +48,9 @@ impl QemuFerry {
         unsafe {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
-        Some(QemuFerry { f: Ferry::new() })
+        Some(QemuFerry {
+            f: Ferry::with_env(&[ACCEL]),
+        })
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -847,8 +849,7 @@ fn a_view_left_by_a_killed_ferry_is_cleaned_up_and_the_failback_resumes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(500));
-    child.kill().unwrap();
-    let _ = child.wait();
+    q.f.kill_job_runner(&mut child);
     assert!(!overlays().is_empty(), "the killed ferry left its snapshot");
     // Looking at the VM removes the dead process's snapshot: no overlay, no block job.
     q.f.vm_show("db", Some("r1"));

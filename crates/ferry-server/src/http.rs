@@ -48,22 +48,25 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = Fail;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Fail> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(r) => {
-                let kind = if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ErrorKind::TooLarge
-                } else {
-                    ErrorKind::BadRequest
-                };
-                let what = if kind == ErrorKind::TooLarge {
-                    format!("request body larger than the server accepts ({BODY_LIMIT} bytes)")
-                } else {
-                    r.body_text()
-                };
-                Err(Fail(ApiError::new(kind, format!("bad request: {what}"))))
+        let bad = |m: String| Fail(ApiError::bad_request(format!("bad request: {m}")));
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(Fail(ApiError::new(
+                    ErrorKind::TooLarge,
+                    format!("bad request: the body is larger than the server accepts ({BODY_LIMIT} bytes)"),
+                )))
             }
+            Err(r) => return Err(bad(r.body_text())),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| bad(format!("the body is not JSON ({e})")))?;
+        if !v.is_object() {
+            return Err(bad("the body must be a JSON object".into()));
         }
+        serde_json::from_value(v)
+            .map(Body)
+            .map_err(|e| bad(e.to_string()))
     }
 }
 
