@@ -356,6 +356,10 @@ pub enum Cmd {
         /// Address to listen on (port 0: any free port)
         #[arg(long, default_value = "127.0.0.1:7450")]
         listen: String,
+        /// After a crash, leave interrupted jobs as they are (default: they continue by
+        /// themselves from their durable logs; re-running their command continues them too)
+        #[arg(long)]
+        no_resume: bool,
         /// TLS certificate (PEM) — see `ferry serve --help`
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -1054,6 +1058,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve {
             listen,
+            no_resume,
             tls_cert,
             tls_key: _,
         } => {
@@ -1063,7 +1068,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if tls_cert.is_some() {
                 bail!("--tls-cert/--tls-key: TLS is not built into this version of ferry serve yet; listen on 127.0.0.1 and put a TLS-terminating proxy in front (docs/deploy.md)");
             }
-            ferry_server::serve(&home(&cli), listen)?;
+            ferry_server::serve(&home(&cli), listen, !no_resume)?;
         }
         Cmd::Token(t) => run_token(&cli, t)?,
         Cmd::Demo {

@@ -64,12 +64,13 @@ pub fn serve_mode() -> bool {
 
 /// Starts `ferry --home HOME serve --listen 127.0.0.1:0` (with `env`) and waits for its
 /// `listening on URL` line. Creates (once) and returns an admin token.
-pub fn start_server(home: &Path, env: &[(&str, &str)]) -> (Child, String) {
+pub fn start_server(home: &Path, env: &[(&str, &str)], args: &[&str]) -> (Child, String) {
     use std::io::BufRead;
     let mut c = Command::new(Ferry::bin());
     c.arg("--home")
         .arg(home)
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
         .env_remove("FERRY_HOME")
         .env_remove("FERRY_SERVER")
         .env_remove("FERRY_TOKEN")
@@ -182,6 +183,11 @@ impl Ferry {
     /// (Re)starts the server over this home with `env` (e.g. `FERRY_FAULT`); the previous
     /// one is killed (SIGKILL) first.
     pub fn start_server(&self, env: &[(&str, &str)]) {
+        self.start_server_with(env, &[])
+    }
+
+    /// Like [`Ferry::start_server`], with extra `ferry serve` flags (e.g. `--no-resume`).
+    pub fn start_server_with(&self, env: &[(&str, &str)], args: &[&str]) {
         let token = match self.server.lock().unwrap().take() {
             Some(old) => old.token.clone(),
             None => String::new(),
@@ -192,7 +198,7 @@ impl Ferry {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         all.extend_from_slice(env);
-        let (child, url) = start_server(&self.home_path, &all);
+        let (child, url) = start_server(&self.home_path, &all, args);
         let token = if token.is_empty() {
             new_token(&self.home_path, "e2e-admin", "admin")
         } else {
@@ -229,10 +235,11 @@ impl Ferry {
     }
 
     /// Kills whatever runs the jobs of `child`'s command, like a crash: the command's own
-    /// process (embedded), or the server with SIGKILL, which is then started again (served).
+    /// process (embedded), or the server with SIGKILL, which is then started again with
+    /// `--no-resume` (served), so the test sees the interrupted job as embedded mode does.
     pub fn kill_job_runner(&self, child: &mut Child) {
         if self.is_served() {
-            self.start_server(&[]);
+            self.start_server_with(&[], &["--no-resume"]);
         }
         let _ = child.kill();
         let _ = child.wait();
@@ -276,7 +283,7 @@ impl Ferry {
                 }
             };
             assert!(died, "{point}: the server must have died");
-            self.start_server(&[]);
+            self.start_server_with(&[], &["--no-resume"]);
         }
         out
     }

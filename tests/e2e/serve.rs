@@ -367,3 +367,39 @@ fn sigterm_stops_the_server_and_cancels_its_job_which_a_rerun_continues() {
     assert_job_state(&job, "succeeded");
     assert_all_identical(&prim, &rec);
 }
+
+#[test]
+fn a_killed_server_continues_its_failback_by_itself_after_a_restart() {
+    let f = Ferry::served();
+    f.setup_two_sites(&["lan"]);
+    let (prim, rec) = f.failed_over_vm("app", &[32 * MIB], &["lan"], 8 * MIB);
+    let changed = 16 * MIB;
+    write_random(&rec[0], 8 * MIB, changed, 79);
+    let mut child = f.spawn(&["failback", "app", "--bandwidth", "4MiB/s"]);
+    let s = f.wait_status("app", POLL_TIMEOUT, "phase 1 moving", |s| {
+        s["state"] == "failback_syncing"
+            && s["job"]["bytes_transferred"].as_u64().unwrap_or(0) >= 4 * MIB
+    });
+    let id = job_id(&s["job"]);
+    // kill -9 of the control plane in the middle of phase 1, then a plain restart.
+    f.start_server(&[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let s = f.wait_status(
+        "app",
+        Duration::from_secs(60),
+        "the job to continue and wait",
+        |s| s["state"] == "failback_ready",
+    );
+    assert_eq!(job_id(&s["job"]), id, "the same job continued: {s}");
+    assert_eq!(s["job"]["state"], "waiting", "{s}");
+    let moved = s["job"]["bytes_transferred"].as_u64().unwrap();
+    assert!(
+        moved <= changed + changed / 10 + 2 * MIB,
+        "phase 1 did not start over: {moved} bytes for {changed} changed"
+    );
+    let job = f.json(&["complete", "app"]);
+    assert_eq!(job_id(&job), id);
+    assert_job_state(&job, "succeeded");
+    assert_all_identical(&prim, &rec);
+}

@@ -77,6 +77,9 @@ struct FailbackParams {
     rounds: u32,
     /// True once a full download reset the primary maps to unknown.
     full_reset: bool,
+    /// The operator asked for both phases in one go (a resumed job keeps that wish).
+    #[serde(default)]
+    auto_complete: bool,
 }
 
 /// The disk `index` of a view.
@@ -743,7 +746,7 @@ impl Engine {
             JobKind::Failover,
             vm,
             &names,
-            json!({"mode": format!("{mode:?}").to_lowercase(), "host": rhost.name}),
+            json!({"mode": format!("{mode:?}").to_lowercase(), "host": rhost.name, "point": chosen.as_ref().map(|p| p.id)}),
             opts,
         )?;
         self.enter(&mut item, next, run.id())?;
@@ -1032,6 +1035,7 @@ impl Engine {
                     p.sync = Some(sync);
                 }
                 p.create_vm |= o.create_vm;
+                p.auto_complete = o.auto_complete;
                 (self.resume_job(id, opts)?, p)
             }
             _ => {
@@ -1042,6 +1046,7 @@ impl Engine {
                     phase: 1,
                     rounds: 0,
                     full_reset: false,
+                    auto_complete: o.auto_complete,
                 };
                 let names: &[&str] = match sync {
                     SyncMode::Delta => &[
@@ -1696,6 +1701,51 @@ impl Engine {
             .failed_over_at
             .map(|t| Duration::from_secs((now_secs() - t).max(0) as u64));
         Ok(recommend(exists, failed_for, None))
+    }
+
+    // ---- resumption ----
+
+    /// Continues job `id`, whose process died, the way re-running its command would, with
+    /// the options it was started with (`ferry serve` does this for the jobs it ran when it
+    /// was killed). Returns the job as it ended or waits; `None` when there is nothing to
+    /// continue (the VM moved on, or the job's command needs the operator: `protect`).
+    pub fn resume_interrupted(&self, id: i64, opts: RunOpts) -> Result<Option<Job>> {
+        let job = self.vault.job(id)?.ok_or_else(|| anyhow!("no job {id}"))?;
+        let item = self.item(&job.vm)?;
+        if item.job != Some(id) || job.state == JobState::Running {
+            return Ok(None);
+        }
+        let params = self.vault.job_params(id)?;
+        let vm = job.vm.as_str();
+        Ok(match job.kind {
+            JobKind::Failback => {
+                let p: FailbackParams = serde_json::from_value(params)?;
+                let o = FailbackOpts {
+                    sync: p.sync,
+                    host: Some(p.host),
+                    create_vm: p.create_vm,
+                    auto_complete: p.auto_complete,
+                    dry_run: false,
+                    verify: false,
+                    run: Some(opts),
+                };
+                self.failback(vm, &o)?.0
+            }
+            JobKind::Failover => {
+                let mode = match params.get("mode").and_then(|m| m.as_str()) {
+                    Some("unplanned") => FailoverMode::Unplanned,
+                    _ => FailoverMode::Planned,
+                };
+                let point = params.get("point").and_then(|p| p.as_i64());
+                let host = params.get("host").and_then(|h| h.as_str());
+                let point = point.filter(|_| mode == FailoverMode::Unplanned);
+                Some(self.failover(vm, mode, point, host, opts)?)
+            }
+            JobKind::Replicate => Some(self.replicate(vm, opts, false)?),
+            JobKind::ReverseReplicate => Some(self.reverse_replicate(vm, opts, false)?),
+            JobKind::Commit => Some(self.commit(vm)?),
+            JobKind::Protect => None,
+        })
     }
 
     // ---- cancel ----

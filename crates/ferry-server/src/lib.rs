@@ -18,10 +18,14 @@ pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs `ferry serve`: the API of the installation at `home` on `listen` (`127.0.0.1:7450`;
 /// port 0 picks a free one) until SIGTERM or SIGINT. Prints `listening on URL` on stdout
-/// once it accepts connections. On a signal it cancels the jobs it runs (a re-run of their
-/// command continues them) and exits.
-pub fn serve(home: &Path, listen: &str) -> Result<()> {
+/// once it accepts connections. With `resume`, jobs that a killed ferry left running continue
+/// by themselves (see [`interrupted_jobs`]). On a signal it cancels the jobs it runs (a re-run
+/// of their command continues them) and exits.
+pub fn serve(home: &Path, listen: &str, resume: bool) -> Result<()> {
     ferry_engine::Engine::init(home)?;
+    let interrupted = interrupted_jobs(home)?;
+    // Settles them: their VMs become `…_interrupted` until they continue.
+    ferry_engine::Engine::open(home)?;
     let mut local = Local::new(home);
     local.set_server_mode();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -36,6 +40,17 @@ pub fn serve(home: &Path, listen: &str) -> Result<()> {
         println!("listening on http://{addr}");
         std::io::stdout().flush().ok();
         tracing::info!("ferry serve: home {}, listening on http://{addr}", home.display());
+        if resume {
+            for id in &interrupted {
+                resume_job(home, *id);
+            }
+        } else if !interrupted.is_empty() {
+            tracing::warn!(
+                "ferry serve: {} interrupted job(s) left as they are (--no-resume): {:?}; re-run their commands to continue them",
+                interrupted.len(),
+                interrupted
+            );
+        }
         let sched = scheduler::Scheduler::start(local.clone());
         let app = http::router(http::Srv {
             local: local.clone(),
@@ -52,6 +67,49 @@ pub fn serve(home: &Path, listen: &str) -> Result<()> {
     cancel_own_jobs(&home);
     rt.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// Jobs recorded as running whose process is gone: what a killed server (or CLI) left behind.
+pub fn interrupted_jobs(home: &Path) -> Result<Vec<i64>> {
+    let vault = ferry_vault::Vault::open(home)?;
+    let mut out = Vec::new();
+    for j in vault.jobs(false)? {
+        if j.state != ferry_model::JobState::Running {
+            continue;
+        }
+        let alive = vault
+            .job_runner(j.id)?
+            .is_some_and(|r| ferry_engine::jobs::runner_alive(&r));
+        if !alive {
+            out.push(j.id);
+        }
+    }
+    Ok(out)
+}
+
+/// Continues an interrupted job on a thread of its own, from its durable log.
+fn resume_job(home: &Path, id: i64) {
+    let home = home.to_path_buf();
+    std::thread::spawn(move || {
+        let r = ferry_engine::Engine::open(&home).and_then(|mut e| {
+            e.set_notify(std::sync::Arc::new(move |m: &str| {
+                tracing::info!("job {id}: {m}")
+            }));
+            e.resume_interrupted(id, ferry_engine::RunOpts::default())
+        });
+        match r {
+            Ok(Some(j)) => tracing::info!(
+                "ferry serve: continued interrupted job {id} ({} of VM {}): {}",
+                j.kind.as_str(),
+                j.vm,
+                j.state.as_str()
+            ),
+            Ok(None) => tracing::info!("ferry serve: interrupted job {id} needs no continuation"),
+            Err(e) => tracing::warn!(
+                "ferry serve: interrupted job {id} could not continue on its own ({e:#}); re-run its command"
+            ),
+        }
+    });
 }
 
 async fn shutdown_signal() {
