@@ -1,0 +1,162 @@
+//! Resuming interrupted jobs, cancelling, verifying points.
+
+use super::*;
+
+impl Engine {
+    /// Continues job `id`, whose process died, the way re-running its command would, with
+    /// the options it was started with (`ferry serve` does this for the jobs it ran when it
+    /// was killed). Returns the job as it ended or waits; `None` when there is nothing to
+    /// continue (the VM moved on, or the job's command needs the operator: `protect`).
+    pub fn resume_interrupted(&self, id: i64, opts: RunOpts) -> Result<Option<Job>> {
+        let job = self.vault.job(id)?.ok_or_else(|| anyhow!("no job {id}"))?;
+        let item = self.item(&job.vm)?;
+        if item.job != Some(id) || job.state == JobState::Running {
+            return Ok(None);
+        }
+        let params = self.vault.job_params(id)?;
+        let vm = job.vm.as_str();
+        Ok(match job.kind {
+            JobKind::Failback => {
+                let p: FailbackParams = serde_json::from_value(params)?;
+                let o = FailbackOpts {
+                    sync: p.sync,
+                    host: Some(p.host),
+                    create_vm: p.create_vm,
+                    auto_complete: p.auto_complete,
+                    dry_run: false,
+                    verify: false,
+                    run: Some(opts),
+                };
+                self.failback(vm, &o)?.0
+            }
+            JobKind::Failover => {
+                let mode = match params.get("mode").and_then(|m| m.as_str()) {
+                    Some("unplanned") => FailoverMode::Unplanned,
+                    _ => FailoverMode::Planned,
+                };
+                let point = params.get("point").and_then(|p| p.as_i64());
+                let host = params.get("host").and_then(|h| h.as_str());
+                let point = point.filter(|_| mode == FailoverMode::Unplanned);
+                Some(self.failover(vm, mode, point, host, opts)?)
+            }
+            JobKind::Replicate => Some(self.replicate(vm, opts, false)?),
+            JobKind::ReverseReplicate => Some(self.reverse_replicate(vm, opts, false)?),
+            JobKind::Commit => Some(self.commit(vm)?),
+            JobKind::Protect => None,
+        })
+    }
+
+    // ---- cancel ----
+
+    /// Cancels the running or waiting job of `vm`; returns once it stopped (at most 30 s).
+    pub fn cancel(&self, vm: &str) -> Result<Job> {
+        let item = self.item(vm)?;
+        let id = item
+            .job
+            .ok_or_else(|| anyhow!("VM {vm} has no job to cancel; see `ferry status {vm}`"))?;
+        let job = self
+            .vault
+            .job(id)?
+            .ok_or_else(|| anyhow!("job {id} not found"))?;
+        match job.state {
+            JobState::Waiting => {
+                let next = begin(vm, item.state, Command::Cancel)?;
+                self.vault.atomically(|v| {
+                    v.set_job_state(
+                        id,
+                        JobState::Cancelled,
+                        Some(&format!(
+                            "cancelled while waiting; run `ferry failback {vm}` to resume"
+                        )),
+                    )?;
+                    let mut it = item.clone();
+                    it.state = next;
+                    v.update_item(&it)
+                })?;
+            }
+            JobState::Running => {
+                self.vault.request_cancel(id)?;
+                let t = Instant::now();
+                loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    self.reconcile()?;
+                    let j = self
+                        .vault
+                        .job(id)?
+                        .ok_or_else(|| anyhow!("job {id} vanished"))?;
+                    if j.state != JobState::Running {
+                        break;
+                    }
+                    if t.elapsed() > Duration::from_secs(30) {
+                        bail!("job {id} did not stop within 30 s; it is still running — try again, or check the process running it");
+                    }
+                }
+            }
+            s => bail!(
+                "job {id} of VM {vm} is already {}; nothing to cancel",
+                s.as_str()
+            ),
+        }
+        Ok(self.vault.job(id)?.expect("job exists"))
+    }
+
+    // ---- points / verify ----
+
+    /// Reads back every block of a point and checks it against its hash.
+    pub fn verify(&self, vm: &str, point: Option<i64>) -> Result<VerifyReport> {
+        let item = self.item(vm)?;
+        self.require_key(vm)?;
+        let p = match point {
+            Some(id) => self
+                .vault
+                .point(id)?
+                .filter(|p| p.vm == vm)
+                .ok_or_else(|| {
+                    anyhow!(
+                        "VM {vm} has no recovery point {id}; list them with `ferry points {vm}`"
+                    )
+                })?,
+            None => self
+                .vault
+                .points(vm)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet"))?,
+        };
+        let store = self.item_store(&item)?;
+        let m = store
+            .get_manifest(&p.manifest)
+            .with_context(|| format!("point {}: manifest unreadable", p.id))?;
+        let (mut blocks, mut bytes) = (0u64, 0u64);
+        for (di, d) in m.disks.iter().enumerate() {
+            let data_blocks: Vec<usize> = (0..d.hashes.len())
+                .filter(|&b| d.hashes[b] != ZERO)
+                .collect();
+            // Groups of blocks share coalesced ranged reads; a failing group is re-read block by
+            // block so the error names the exact block.
+            for group in data_blocks.chunks(256) {
+                let hashes: Vec<_> = group.iter().map(|&b| d.hashes[b]).collect();
+                let datas = match store.read_blocks(&hashes) {
+                    Ok(v) => v,
+                    Err(_) => group
+                        .iter()
+                        .map(|&bi| {
+                            store
+                                .read_block(&d.hashes[bi])
+                                .with_context(|| format!("point {}, disk {di}, block {bi}", p.id))
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                };
+                blocks += datas.len() as u64;
+                bytes += datas.iter().map(|x| x.len() as u64).sum::<u64>();
+            }
+        }
+        Ok(VerifyReport {
+            vm: vm.into(),
+            point: p.id,
+            blocks,
+            bytes,
+            ok: true,
+        })
+    }
+}

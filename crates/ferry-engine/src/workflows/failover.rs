@@ -1,0 +1,239 @@
+//! Failover (planned and unplanned) and commit.
+
+use super::*;
+
+impl Engine {
+    /// Fails `vm` over to the recovery site.
+    pub fn failover(
+        &self,
+        vm: &str,
+        mode: FailoverMode,
+        point: Option<i64>,
+        host: Option<&str>,
+        opts: RunOpts,
+    ) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::Failover)?;
+        self.require_key(vm)?;
+        let rhost = match host {
+            Some(h) => self.host(h)?,
+            None => self
+                .vault
+                .hosts()?
+                .into_iter()
+                .find(|h| h.site == item.recovery_site)
+                .ok_or_else(|| anyhow!("recovery site {} has no host; add one with `ferry host add NAME --site {} --driver dir`", item.recovery_site, item.recovery_site))?,
+        };
+        if rhost.site != item.recovery_site {
+            bail!(
+                "host {} is at site {}, not at VM {vm}'s recovery site {}",
+                rhost.name,
+                rhost.site,
+                item.recovery_site
+            );
+        }
+        let rd = self.driver(&rhost)?;
+        rd.check_connected()?;
+        let phost = self.host(&item.primary_host)?;
+        let pd = self.driver(&phost)?;
+        let extra = self.extra(vm)?;
+        // The shape of the VM to create: from the primary copy if reachable, else from the point.
+        let pinfo = match mode {
+            FailoverMode::Planned => {
+                pd.check_connected()?;
+                Some(pd.get_vm(vm)?.ok_or_else(|| anyhow!("VM {vm} no longer exists on host {}; use `ferry failover {vm} --unplanned`", phost.name))?)
+            }
+            FailoverMode::Unplanned => pd
+                .check_connected()
+                .ok()
+                .and_then(|_| pd.get_vm(vm).ok().flatten()),
+        };
+        // A failover that crashed after the recovery VM was complete only needs to start it.
+        let restored = extra.failover_partial.as_deref() == Some(rhost.name.as_str())
+            && extra
+                .recovery
+                .as_ref()
+                .is_some_and(|r| r.host == rhost.name)
+            && rd.get_vm(vm)?.is_some();
+        if let Some(existing) = rd.get_vm(vm)? {
+            if extra.failover_partial.as_deref() != Some(rhost.name.as_str()) {
+                bail!("VM {vm} already exists on host {} (not created by ferry); remove it or pick another host with --host", existing.host);
+            }
+        }
+        let chosen = match (mode, point) {
+            (FailoverMode::Planned, Some(_)) => bail!("--point applies to --unplanned failovers; a planned failover always takes a last point"),
+            (FailoverMode::Planned, None) => None,
+            (FailoverMode::Unplanned, Some(id)) => Some(
+                self.vault
+                    .point(id)?
+                    .filter(|p| p.vm == vm)
+                    .ok_or_else(|| anyhow!("VM {vm} has no recovery point {id}; list them with `ferry points {vm}`"))?,
+            ),
+            (FailoverMode::Unplanned, None) => Some(
+                self.vault
+                    .points(vm)?
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet; run `ferry replicate {vm}`"))?,
+            ),
+        };
+        // The VM's shape: from the primary copy when reachable, else as last replicated.
+        let saved = extra.vm_spec.clone();
+        let shape = match (&pinfo, &saved) {
+            (Some(i), _) => crate::SavedSpec::from(VmSpec::like(i)),
+            (None, Some(s)) => s.clone(),
+            (None, None) => bail!("the primary copy of VM {vm} is unreachable and ferry has no record of its shape (CPUs, memory, NICs); re-protect it from a reachable primary"),
+        };
+        let nics = shape.nics.clone();
+        rd.check_switches(&nics)?;
+        let store = self.item_store(&item)?;
+        let names: Vec<&str> = match mode {
+            FailoverMode::Planned => vec![
+                "stop primary VM",
+                "replicate final changes",
+                "create recovery VM",
+                "restore disks",
+                "start recovery VM",
+            ],
+            FailoverMode::Unplanned => {
+                vec!["create recovery VM", "restore disks", "start recovery VM"]
+            }
+        };
+        let run = self.new_job(
+            JobKind::Failover,
+            vm,
+            &names,
+            json!({"mode": format!("{mode:?}").to_lowercase(), "host": rhost.name, "point": chosen.as_ref().map(|p| p.id)}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = (|| -> Result<(Outcome, ())> {
+            let mut down = None;
+            if !restored {
+                let point = match chosen {
+                    Some(p) => p,
+                    None => {
+                        run.begin_step("stop primary VM", 0);
+                        let was_running = pd.get_vm(vm)?.map(|v| v.power) == Some(Power::Running);
+                        pd.stop_vm(vm)?;
+                        if was_running {
+                            down = Some(Instant::now());
+                        }
+                        run.end_step();
+                        self.replicate_copy(&run, &item, &phost, "replicate final changes", false)?
+                    }
+                };
+                let manifest = store.get_manifest(&point.manifest)?;
+                run.begin_step("create recovery VM", 0);
+                let mut ex = self.extra(vm)?;
+                ex.failover_partial = Some(rhost.name.clone());
+                self.set_extra(vm, &ex)?;
+                if rd.get_vm(vm)?.is_some() {
+                    rd.delete_vm(vm)?;
+                }
+                let spec = VmSpec {
+                    name: vm.into(),
+                    cpus: shape.cpus,
+                    memory: shape.memory,
+                    disks: manifest.disks.iter().map(|d| d.size).collect(),
+                    nics,
+                };
+                rd.create_vm(&spec)?;
+                // Not startable until restored and tracked (nothing may write before the mark).
+                for i in 0..spec.disks.len() as u32 {
+                    rd.set_disk_consistent(vm, i, false)?;
+                }
+                run.end_step();
+                run.begin_step(
+                    "restore disks",
+                    manifest.disks.iter().map(|d| d.data_bytes()).sum(),
+                );
+                for (i, m) in manifest.disks.iter().enumerate() {
+                    let dev = rd.open_disk(vm, i as u32, true)?;
+                    restore(
+                        &run.ctx,
+                        &store,
+                        m,
+                        dev.as_ref(),
+                        &format!("point {}, disk {i}", point.id),
+                    )?;
+                    self.save_map(vm, Copy::Recovery, i as u32, m)?;
+                }
+                // Change tracking of the recovery copy starts now: its content is the point's.
+                let marks = rd.mark_disks(vm)?;
+                for i in 0..manifest.disks.len() as u32 {
+                    rd.set_disk_consistent(vm, i, true)?;
+                }
+                // The recovery VM is complete: a crash from here on resumes by starting it.
+                let mut ex = self.extra(vm)?;
+                ex.recovery = Some(CopyState {
+                    host: rhost.name.clone(),
+                    marks,
+                });
+                self.set_extra(vm, &ex)?;
+                run.end_step();
+            }
+            crate::fault("failover-before-start-recovery");
+            run.begin_step("start recovery VM", 0);
+            rd.start_vm(vm)?;
+            crate::fault("failover-after-start-recovery");
+            if let Some(t) = down {
+                run.set_downtime(t.elapsed());
+            }
+            run.end_step();
+            let mut ex = self.extra(vm)?;
+            ex.failover_partial = None;
+            self.set_extra(vm, &ex)?;
+            let mut it = self.item(vm)?;
+            it.recovery_host = Some(rhost.name.clone());
+            it.failed_over_at = Some(now_secs());
+            self.vault.update_item(&it)?;
+            Ok((Outcome::Succeeded, ()))
+        })();
+        Ok(self.conclude(vm, Command::Failover, run, r)?.0)
+    }
+
+    /// Commits a failover (the VM stays at the recovery site) or a failback (the recovery VM
+    /// and its disks are deleted).
+    pub fn commit(&self, vm: &str) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::Commit)?;
+        let after_failback = item.state == ItemState::FailbackCommitPending;
+        let rd = match (&item.recovery_host, after_failback) {
+            (Some(h), true) => {
+                let d = self.driver(&self.host(h)?)?;
+                d.check_connected()?;
+                Some(d)
+            }
+            _ => None,
+        };
+        let name = if after_failback {
+            "delete recovery VM"
+        } else {
+            "commit failover"
+        };
+        let run = self.new_job(JobKind::Commit, vm, &[name], json!({}), RunOpts::default())?;
+        self.enter(&mut item, next, run.id())?;
+        let r = (|| -> Result<(Outcome, ())> {
+            run.begin_step(name, 0);
+            if let Some(d) = &rd {
+                if d.get_vm(vm)?.is_some() {
+                    d.stop_vm(vm)?;
+                    d.delete_vm(vm)?;
+                }
+                self.drop_maps(vm, Copy::Recovery)?;
+                let mut ex = self.extra(vm)?;
+                ex.recovery = None;
+                self.set_extra(vm, &ex)?;
+                let mut it = self.item(vm)?;
+                it.recovery_host = None;
+                self.vault.update_item(&it)?;
+            }
+            run.end_step();
+            Ok((Outcome::Succeeded, ()))
+        })();
+        Ok(self.conclude(vm, Command::Commit, run, r)?.0)
+    }
+}

@@ -1,0 +1,427 @@
+//! The commands that run jobs, one module per workflow; this module holds what they share:
+//! options, the job life cycle (`new_job` … `conclude`), tracking helpers.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_blocks::{BlockMap, Manifest, MapJournal, ZERO};
+use ferry_hypervisor::{Changes, DiskView, Hypervisor, Power, ViewDisk, VmInfo, VmSpec};
+use ferry_model::{
+    begin, finish, Command, Host, ItemState, Job, JobKind, JobState, Outcome, PointKind,
+    ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
+};
+use ferry_store::{encode, PackWriter, Store};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::jobs::{this_runner, Cancelled, JobCtx, JobRun};
+use crate::pipeline::{pass, restore, KnownSource, PassSpec};
+use crate::{Copy, CopyState, Engine, ItemExtra};
+
+mod control;
+mod failback;
+mod failover;
+mod replicate;
+
+/// Resources a data-moving command may use.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOpts {
+    /// Hash/compress worker threads.
+    pub threads: usize,
+    /// Cap on bytes transferred between sites per second.
+    pub bandwidth: Option<u64>,
+}
+
+impl Default for RunOpts {
+    fn default() -> Self {
+        RunOpts {
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            bandwidth: None,
+        }
+    }
+}
+
+/// How a failover treats the primary copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailoverMode {
+    /// Stop the primary, replicate the last changes, then recover: no data loss.
+    Planned,
+    /// Recover from an existing point without touching the primary.
+    Unplanned,
+}
+
+/// Options of `ferry failback`.
+#[derive(Debug, Clone, Default)]
+pub struct FailbackOpts {
+    /// Delta or full (default: delta, or the interrupted job's mode).
+    pub sync: Option<SyncMode>,
+    /// Alternate primary host.
+    pub host: Option<String>,
+    /// Create the VM on the target host if missing.
+    pub create_vm: bool,
+    /// Run phase 2 right after phase 1.
+    pub auto_complete: bool,
+    /// Report what would move and change nothing.
+    pub dry_run: bool,
+    /// Re-read the primary disks after the sync and compare every block hash.
+    pub verify: bool,
+    /// Threads and bandwidth.
+    pub run: Option<RunOpts>,
+}
+
+pub use ferry_api::{DryRun, DryRunDisk, VerifyReport};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct FailbackParams {
+    sync: Option<SyncMode>,
+    host: String,
+    create_vm: bool,
+    /// 1 while pre-syncing, 2 once the recovery VM was stopped for the final sync.
+    phase: u8,
+    rounds: u32,
+    /// True once a full download reset the primary maps to unknown.
+    full_reset: bool,
+    /// The operator asked for both phases in one go (a resumed job keeps that wish).
+    #[serde(default)]
+    auto_complete: bool,
+}
+
+/// The disk `index` of a view.
+fn view_disk(view: &DiskView, index: u32) -> Result<&ViewDisk> {
+    view.disks
+        .iter()
+        .find(|d| d.index == index)
+        .ok_or_else(|| anyhow!("internal: the disk view has no disk {index}"))
+}
+
+/// What change tracking proves about a view disk whose content at its mark was `base`: the
+/// source map to trust outside the changed ranges, or `None` (read every block). Says so in
+/// the job when tracking existed but cannot be trusted, or `verify` overrides it.
+fn known_source(
+    run: &JobRun,
+    vd: &ViewDisk,
+    base: Option<&Arc<BlockMap>>,
+    verify: bool,
+    host: &str,
+) -> Option<KnownSource> {
+    match (&vd.changes, base) {
+        (Changes::Ranges(r), Some(m)) if !verify => Some(KnownSource {
+            map: m.clone(),
+            changed: r.clone(),
+        }),
+        (Changes::Unknown(Some(why)), _) => {
+            run.note(format!(
+                "disk {} on host {host}: change tracking cannot be trusted ({why}); read every block instead (hash scan)",
+                vd.index
+            ));
+            None
+        }
+        _ => None,
+    }
+}
+
+/// After a `--verify` full read: tells in the job whether change tracking would have found
+/// every block that changed since `base` (a block it missed was synced anyway).
+fn check_tracking(
+    run: &JobRun,
+    vd: &ViewDisk,
+    base: Option<&BlockMap>,
+    now: &BlockMap,
+    host: &str,
+) {
+    let (Changes::Ranges(r), Some(base)) = (&vd.changes, base) else {
+        run.note(format!(
+            "disk {} on host {host}: --verify: every block read and compared by hash (no change tracking to check)",
+            vd.index
+        ));
+        return;
+    };
+    let bs = base.block_size;
+    let missed = (0..now.len())
+        .filter(|&i| base.hashes[i] != now.hashes[i])
+        .filter(|&i| {
+            let (s, e) = (i as u64 * bs, (i as u64 + 1) * bs);
+            !r.iter().any(|&(a, b)| a < e && b > s)
+        })
+        .count();
+    if missed == 0 {
+        run.note(format!(
+            "disk {} on host {host}: --verify: a full hash comparison agrees with change tracking",
+            vd.index
+        ));
+    } else {
+        run.note(format!(
+            "disk {} on host {host}: --verify: {missed} changed blocks were not reported by change tracking (synced anyway); report this as a bug",
+            vd.index
+        ));
+    }
+}
+
+/// Closes a view whose marks were recorded; a failed clean-up is noted, not fatal.
+fn close_view(run: &JobRun, view: DiskView) {
+    if let Err(e) = view.close(true) {
+        run.note(format!("cleaning up the disk snapshot: {e}"));
+    }
+}
+
+/// The command that resumes a job of this kind.
+pub(crate) fn resume_command(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::Protect => "protect",
+        JobKind::Replicate => "replicate",
+        JobKind::Failover => "failover",
+        JobKind::Failback => "failback",
+        JobKind::Commit => "commit",
+        JobKind::ReverseReplicate => "reverse-replicate",
+    }
+}
+
+/// The lifecycle command a job of `kind` runs when the item is in `state`.
+pub(crate) fn command_of(kind: JobKind, state: ItemState, params: &serde_json::Value) -> Command {
+    match kind {
+        JobKind::Protect => Command::Protect,
+        JobKind::Replicate => Command::Replicate,
+        JobKind::Failover => Command::Failover,
+        JobKind::Commit => Command::Commit,
+        JobKind::ReverseReplicate => Command::ReverseReplicate,
+        JobKind::Failback => {
+            let sync = params
+                .get("sync")
+                .and_then(|s| serde_json::from_value(s.clone()).ok())
+                .unwrap_or(SyncMode::Delta);
+            if state == ItemState::FailbackCompleting && sync == SyncMode::Delta {
+                Command::Complete
+            } else {
+                Command::Failback(sync)
+            }
+        }
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64
+}
+
+fn steps(names: &[&str]) -> Vec<Step> {
+    names
+        .iter()
+        .map(|n| Step {
+            name: n.to_string(),
+            state: JobState::Queued,
+            bytes_done: 0,
+            bytes_total: 0,
+            elapsed_ms: None,
+        })
+        .collect()
+}
+
+fn check_formats(vm: &VmInfo, driver: &dyn Hypervisor) -> Result<()> {
+    let supported = driver.disk_formats();
+    for d in &vm.disks {
+        if !supported.contains(&d.format.as_str()) {
+            bail!(
+                "disk {} of VM {} on host {} is in format {:?}, which ferry cannot read (supported: {}); convert it to raw or qcow2 (e.g. `qemu-img convert -O qcow2`) and try again",
+                d.index, vm.name, vm.host, d.format, supported.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Recommends a sync mode from what ferry knows before reading anything.
+pub fn recommend(
+    target_exists: bool,
+    failed_over_for: Option<Duration>,
+    changed_fraction: Option<f64>,
+) -> (SyncMode, String) {
+    if !target_exists {
+        return (
+            SyncMode::Full,
+            "the primary VM does not exist on the target host: every block must be downloaded anyway, so a full download (no checksum pass) is recommended".into(),
+        );
+    }
+    if let Some(f) = changed_fraction {
+        return if f > 0.6 {
+            (
+                SyncMode::Full,
+                format!(
+                    "{:.0}% of the blocks differ: a full download avoids hashing what moves anyway",
+                    f * 100.0
+                ),
+            )
+        } else {
+            (SyncMode::Delta, format!("only {:.1}% of the blocks differ: a delta sync moves just those while the VM keeps running", f * 100.0))
+        };
+    }
+    match failed_over_for {
+        Some(d) if d > Duration::from_secs(30 * 86_400) => (
+            SyncMode::Full,
+            format!("the VM has run at the recovery site for {} days: most blocks have probably changed", d.as_secs() / 86_400),
+        ),
+        _ => (
+            SyncMode::Delta,
+            "the primary disks still exist: a delta sync moves only differing blocks while the recovery VM keeps running".into(),
+        ),
+    }
+}
+
+impl Engine {
+    fn new_job(
+        &self,
+        kind: JobKind,
+        vm: &str,
+        step_names: &[&str],
+        params: serde_json::Value,
+        opts: RunOpts,
+    ) -> Result<JobRun> {
+        let job = self
+            .vault
+            .create_job(kind, vm, &steps(step_names), &params, &this_runner())?;
+        Ok(JobRun::start(
+            self.home.clone(),
+            job,
+            JobCtx::new(opts.threads, opts.bandwidth),
+            self.observer.clone(),
+        ))
+    }
+
+    fn resume_job(&self, id: i64, opts: RunOpts) -> Result<JobRun> {
+        self.vault.claim_job(id, &this_runner())?;
+        let job = self
+            .vault
+            .job(id)?
+            .ok_or_else(|| anyhow!("job {id} vanished"))?;
+        Ok(JobRun::start(
+            self.home.clone(),
+            job,
+            JobCtx::new(opts.threads, opts.bandwidth),
+            self.observer.clone(),
+        ))
+    }
+
+    /// Refuses when another live process runs a job for this item.
+    fn check_no_running_job(&self, item: &ProtectedItem) -> Result<()> {
+        if let Some(id) = item.job {
+            if let Some(j) = self.vault.job(id)? {
+                if j.state == JobState::Running {
+                    bail!(
+                        "VM {} has job {id} ({}) running; watch it with `ferry job watch {id}` or stop it with `ferry cancel {}`",
+                        item.vm, j.kind.as_str(), item.vm
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the item into `state` with `job` as its current job, atomically.
+    fn enter(&self, item: &mut ProtectedItem, state: ItemState, job: i64) -> Result<()> {
+        item.state = state;
+        item.job = Some(job);
+        self.vault.update_item(item)?;
+        Ok(())
+    }
+
+    /// Ends a job: persists its final state and the item's next state.
+    fn conclude<T>(
+        &self,
+        vm: &str,
+        cmd: Command,
+        run: JobRun,
+        r: Result<(Outcome, T)>,
+    ) -> Result<(Job, T)> {
+        let mut item = self.item(vm)?;
+        match r {
+            Ok((outcome, v)) => {
+                let state = if outcome == Outcome::Waiting {
+                    JobState::Waiting
+                } else {
+                    JobState::Succeeded
+                };
+                let job = run.close(&self.vault, state, None)?;
+                item.state = finish(item.state, cmd, outcome);
+                self.vault.update_item(&item)?;
+                Ok((job, v))
+            }
+            Err(e) => {
+                let cancelled = e.downcast_ref::<Cancelled>().is_some();
+                let (js, outcome, msg) = if cancelled {
+                    (
+                        JobState::Cancelled,
+                        Outcome::Cancelled,
+                        format!("cancelled; run `ferry {} {vm}` to resume", cmd.cli()),
+                    )
+                } else {
+                    (JobState::Failed, Outcome::Failed, format!("{e:#}"))
+                };
+                let job = run.close(&self.vault, js, Some(&msg))?;
+                item.state = finish(item.state, cmd, outcome);
+                self.vault.update_item(&item)?;
+                self.vault.event(Some(vm), Some(job.id), &msg)?;
+                if cancelled {
+                    bail!(
+                        "job {} of VM {vm} was cancelled; run `ferry {} {vm}` to resume it",
+                        job.id,
+                        cmd.cli()
+                    );
+                }
+                Err(e.context(format!(
+                    "job {} ({}) of VM {vm} failed",
+                    job.id,
+                    job.kind.as_str()
+                )))
+            }
+        }
+    }
+}
+
+/// Parses the RFC 3339 timestamps ferry writes (`YYYY-MM-DDTHH:MM:SSZ`) into Unix seconds.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_round_trips() {
+        for t in [0i64, 1_795_692_318, 951_782_400] {
+            assert_eq!(parse_rfc3339(&ferry_model::rfc3339(t)), Some(t));
+        }
+    }
+
+    #[test]
+    fn recommendation_follows_what_is_known() {
+        assert_eq!(recommend(true, None, Some(0.9)).0, SyncMode::Full);
+        assert_eq!(recommend(true, None, Some(0.01)).0, SyncMode::Delta);
+        assert_eq!(
+            recommend(true, Some(Duration::from_secs(90 * 86_400)), None).0,
+            SyncMode::Full
+        );
+        assert_eq!(
+            recommend(true, Some(Duration::from_secs(3600)), None).0,
+            SyncMode::Delta
+        );
+        assert_eq!(recommend(false, None, None).0, SyncMode::Full);
+    }
+}

@@ -1,0 +1,273 @@
+//! Protect, replication cycles and reverse replication: recovery points from the primary copy.
+
+use super::*;
+
+impl Engine {
+    /// Enables replication of `vm` to `site` and takes the first recovery point.
+    pub fn protect(
+        &self,
+        vm: &str,
+        site: &str,
+        rpo: Duration,
+        retention: Duration,
+        block_size: u64,
+        opts: RunOpts,
+    ) -> Result<Job> {
+        ferry_model::validate_name("VM", vm)?;
+        if !(4096..=(4 << 20)).contains(&block_size) || !block_size.is_power_of_two() {
+            bail!("block size {block_size} is not supported: use a power of two from 4KiB to 4MiB (default 64KiB)");
+        }
+        let site_rec = self.site(site)?;
+        if site_rec.role != SiteRole::Recovery {
+            bail!("site {site} is a {} site; protect to a recovery site (add one with `ferry site add NAME --role recovery`)", site_rec.role.as_str());
+        }
+        let existing = self.vault.item(vm)?;
+        let state = existing
+            .as_ref()
+            .map(|i| i.state)
+            .unwrap_or(ItemState::Unprotected);
+        let next = begin(vm, state, Command::Protect)?;
+        let (host, info) = self.locate_vm(vm, None)?;
+        let h = self.host(&host.name)?;
+        if self.site(&h.site)?.role == SiteRole::Recovery {
+            bail!(
+                "VM {vm} runs on host {} at recovery site {}; protect VMs from their primary site",
+                h.name,
+                h.site
+            );
+        }
+        check_formats(&info, self.driver(&h)?.as_ref())?;
+        self.store(site)?;
+        let mut item = ProtectedItem {
+            vm: vm.into(),
+            primary_host: host.name.clone(),
+            recovery_site: site.into(),
+            recovery_host: None,
+            state,
+            block_size,
+            rpo_secs: rpo.as_secs(),
+            retention_secs: retention.as_secs(),
+            job: None,
+            failed_over_at: None,
+        };
+        if existing.is_some() {
+            self.vault.update_item(&item)?;
+        } else {
+            self.vault.add_item(&item)?;
+        }
+        let key = self.given_key()?;
+        self.set_extra(
+            vm,
+            &ItemExtra {
+                key_id: key.as_ref().map(|k| k.id()),
+                key_file: key.as_ref().and(self.key_file.clone()),
+                vm_spec: Some(VmSpec::like(&info).into()),
+                ..Default::default()
+            },
+        )?;
+        self.drop_maps(vm, Copy::Primary)?;
+        let run = self.new_job(
+            JobKind::Protect,
+            vm,
+            &["initial replication"],
+            json!({}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = self
+            .replicate_copy(&run, &item, &host, "initial replication", false)
+            .map(|p| (Outcome::Succeeded, p));
+        Ok(self.conclude(vm, Command::Protect, run, r)?.0)
+    }
+
+    /// Runs one replication cycle now.
+    pub fn replicate(&self, vm: &str, opts: RunOpts, verify: bool) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::Replicate)?;
+        let host = self.host(&item.primary_host)?;
+        self.driver(&host)?.check_connected()?;
+        let run = self.new_job(
+            JobKind::Replicate,
+            vm,
+            &["replicate changes"],
+            json!({}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = self
+            .replicate_copy(&run, &item, &host, "replicate changes", verify)
+            .map(|p| (Outcome::Succeeded, p));
+        Ok(self.conclude(vm, Command::Replicate, run, r)?.0)
+    }
+
+    /// Protects a failed-back VM again, sending only blocks changed since the failback.
+    pub fn reverse_replicate(&self, vm: &str, opts: RunOpts, verify: bool) -> Result<Job> {
+        let mut item = self.item(vm)?;
+        self.check_no_running_job(&item)?;
+        let next = begin(vm, item.state, Command::ReverseReplicate)?;
+        let host = self.host(&item.primary_host)?;
+        self.driver(&host)?.check_connected()?;
+        self.item_store(&item)?;
+        let run = self.new_job(
+            JobKind::ReverseReplicate,
+            vm,
+            &["replicate changes since failback"],
+            json!({}),
+            opts,
+        )?;
+        self.enter(&mut item, next, run.id())?;
+        let r = self
+            .replicate_copy(
+                &run,
+                &item,
+                &host,
+                "replicate changes since failback",
+                verify,
+            )
+            .map(|p| (Outcome::Succeeded, p));
+        Ok(self.conclude(vm, Command::ReverseReplicate, run, r)?.0)
+    }
+
+    /// Replicates the primary copy into a new recovery point: a point-in-time view of its
+    /// disks, reading only what change tracking says changed (every block when it cannot
+    /// tell, or with `verify`); only blocks new to the store move.
+    pub(super) fn replicate_copy(
+        &self,
+        run: &JobRun,
+        item: &ProtectedItem,
+        host: &Host,
+        step: &str,
+        verify: bool,
+    ) -> Result<RecoveryPoint> {
+        let d = self.driver(host)?;
+        let info = d
+            .get_vm(&item.vm)?
+            .ok_or_else(|| anyhow!("VM {} no longer exists on host {}", item.vm, host.name))?;
+        check_formats(&info, d.as_ref())?;
+        let store = self.item_store(item)?;
+        let mut extra = self.extra(&item.vm)?;
+        let known = extra.primary.clone().filter(|p| p.host == host.name);
+        let since = known.as_ref().map(|k| k.marks.clone()).unwrap_or_default();
+        let total: u64 = info.disks.iter().map(|x| x.size).sum();
+        run.begin_step(step, total);
+        let view = d.open_view(&item.vm, &since)?;
+        let mut maps = Vec::new();
+        for disk in &info.disks {
+            let vd = view_disk(&view, disk.index)?;
+            let base = match &known {
+                Some(_) => self
+                    .load_fitting_map(
+                        &item.vm,
+                        Copy::Primary,
+                        disk.index,
+                        disk.size,
+                        item.block_size,
+                    )?
+                    .map(Arc::new),
+                None => None,
+            };
+            let ks = known_source(run, vd, base.as_ref(), verify, &host.name);
+            // The known map is also the target: one copy in memory.
+            let target = base
+                .clone()
+                .unwrap_or_else(|| Arc::new(BlockMap::zeros(disk.size, item.block_size)));
+            let r = pass(
+                &run.ctx,
+                PassSpec {
+                    src: vd.dev.as_ref(),
+                    block_size: item.block_size,
+                    target,
+                    store: Some(store.clone()),
+                    hasher: store.hasher(),
+                    write: None,
+                    crosses_sites: true,
+                    known: ks,
+                },
+            )?;
+            if verify {
+                check_tracking(run, vd, base.as_deref(), &r.map, &host.name);
+            }
+            self.save_map(&item.vm, Copy::Primary, disk.index, &r.map)?;
+            maps.push(r.map);
+        }
+        extra.primary = Some(CopyState {
+            host: host.name.clone(),
+            marks: view.marks(),
+        });
+        extra.vm_spec = Some(VmSpec::like(&info).into());
+        self.set_extra(&item.vm, &extra)?;
+        close_view(run, view);
+        let point = self.record_point(
+            &store,
+            &item.vm,
+            Manifest { disks: maps },
+            PointKind::Replication,
+        )?;
+        self.apply_retention(&store, item)?;
+        run.end_step();
+        Ok(point)
+    }
+
+    pub(super) fn record_point(
+        &self,
+        store: &Store,
+        vm: &str,
+        m: Manifest,
+        kind: PointKind,
+    ) -> Result<RecoveryPoint> {
+        let _span = tracing::debug_span!("record_point").entered();
+        let id = self.vault.next_point_id()?;
+        let key = store.put_manifest(vm, id, &m)?;
+        let p = RecoveryPoint {
+            id,
+            vm: vm.into(),
+            created_at: ferry_model::rfc3339(now_secs()),
+            kind,
+            size: m.size(),
+            data_bytes: m.disks.iter().map(|d| d.data_bytes()).sum(),
+            manifest: key,
+        };
+        self.vault.add_point(&p)?;
+        Ok(p)
+    }
+
+    /// Deletes points older than the retention (always keeping the newest) and collects packs
+    /// nothing references any more.
+    pub(super) fn apply_retention(&self, store: &Store, item: &ProtectedItem) -> Result<()> {
+        let points = self.vault.points(&item.vm)?;
+        let cutoff = now_secs() - item.retention_secs as i64;
+        let expired: Vec<_> = points
+            .iter()
+            .skip(1)
+            .filter(|p| parse_rfc3339(&p.created_at).unwrap_or(i64::MAX) < cutoff)
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        if store.others_active()? {
+            // Another job may be reading one of these points or writing packs: try next cycle.
+            self.vault.event(
+                Some(&item.vm),
+                None,
+                "retention deferred: another job is using the store",
+            )?;
+            return Ok(());
+        }
+        for p in expired {
+            // Forget the point first: a crash in between leaves an orphan manifest, never a
+            // listed point that cannot be restored.
+            self.vault.delete_point(p.id)?;
+            store.delete_manifest(&p.manifest)?;
+        }
+        // Leases keep running jobs safe; the grace period is a second line of defence.
+        if let Err(e) = store.collect_garbage(Duration::from_secs(900)) {
+            self.vault.event(
+                Some(&item.vm),
+                None,
+                &format!("garbage collection skipped: {e}"),
+            )?;
+        }
+        Ok(())
+    }
+}
