@@ -34,6 +34,10 @@ pub struct Cli {
     /// Print exactly one JSON document on stdout
     #[arg(long, global = true)]
     pub json: bool,
+    /// True when --home was given on the command line: it then wins over FERRY_SERVER from
+    /// the environment (e.g. `ferry --home /srv/ferry token new …` on the server's machine).
+    #[arg(skip)]
+    pub home_flag: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
 }
@@ -360,12 +364,39 @@ pub enum Cmd {
         /// themselves from their durable logs; re-running their command continues them too)
         #[arg(long)]
         no_resume: bool,
+        /// Missed heartbeats for this long mark an agent host disconnected
+        #[arg(long, default_value = "15s", value_parser = parse_duration_arg)]
+        agent_timeout: Duration,
         /// TLS certificate (PEM) — see `ferry serve --help`
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
         /// TLS private key (PEM)
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+    },
+    /// Run on a hypervisor host's own machine: does that host's disk and hypervisor work for
+    /// a `ferry serve` control plane (declared with `ferry host add NAME … --agent`).
+    ///
+    /// Connects out to --server with an agent token for --host, registers, heartbeats every
+    /// 5 s and runs the work it is given on its local driver over --root. Runs until SIGTERM
+    /// or SIGINT; reconnects by itself when the server restarts.
+    ///
+    /// Example:
+    ///   ferry --home /srv/ferry token new h1-agent --role agent --host h1   # on the server
+    ///   ferry agent --server http://ctl:7450 --token ferry_… --host h1 --root /var/lib/ferry/vms
+    Agent {
+        /// The host this agent serves
+        #[arg(long)]
+        host: String,
+        /// Folder of the host's VMs on this machine
+        #[arg(long)]
+        root: PathBuf,
+        /// Hypervisor driver: dir or qemu
+        #[arg(long, default_value = "dir", value_parser = ["dir", "qemu"])]
+        driver: String,
+        /// Encryption key of the VMs whose data this agent moves (it never leaves this machine)
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
     /// API tokens of `ferry serve`: create, list, revoke (against --home, or remotely as admin).
     ///
@@ -499,6 +530,10 @@ pub enum HostCmd {
         /// works, else TCG; the default). The environment variable FERRY_QEMU_ACCEL overrides it.
         #[arg(long, value_parser = ["kvm", "tcg", "auto"])]
         accel: Option<String>,
+        /// The host is served by `ferry agent --host NAME` on its own machine (server mode):
+        /// the agent does its disk and hypervisor work, and its --root is the host's root
+        #[arg(long, conflicts_with = "root")]
+        agent: bool,
     },
     /// List hosts.
     List,
@@ -618,7 +653,7 @@ fn home(cli: &Cli) -> PathBuf {
 /// the same calls, so both modes print the same.
 fn api(cli: &Cli) -> Result<Box<dyn Api>> {
     let progress = output::show_progress(cli.json);
-    if let Some(url) = &cli.server {
+    if let Some(url) = cli.server.as_ref().filter(|_| !cli.home_flag) {
         let mut c = ferry_api::client::Client::new(url, cli.token.clone())?;
         if progress {
             let (obs, _bar) = output::progress_observer();
@@ -658,7 +693,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let j = cli.json;
     match &cli.cmd {
         Cmd::Init => {
-            if cli.server.is_some() {
+            if cli.server.is_some() && !cli.home_flag {
                 // A server's installation exists already: say where it is.
                 let i = api(&cli)?.info()?;
                 if j {
@@ -710,6 +745,7 @@ pub fn run(cli: Cli) -> Result<()> {
             root,
             switches,
             accel,
+            agent,
         }) => {
             let d: DriverKind = driver.parse().map_err(anyhow::Error::msg)?;
             let root = root.as_ref().map(|r| {
@@ -730,6 +766,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 root,
                 switches: switches.clone(),
                 accel: accel.clone(),
+                agent: *agent,
             })?;
             if j {
                 output::json(&h)
@@ -1059,18 +1096,35 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Serve {
             listen,
             no_resume,
+            agent_timeout,
             tls_cert,
             tls_key: _,
         } => {
-            if cli.server.is_some() {
-                bail!("`ferry serve` runs a server over --home; it does not take --server");
-            }
             if tls_cert.is_some() {
                 bail!("--tls-cert/--tls-key: TLS is not built into this version of ferry serve yet; listen on 127.0.0.1 and put a TLS-terminating proxy in front (docs/deploy.md)");
             }
-            ferry_server::serve(&home(&cli), listen, !no_resume)?;
+            ferry_server::serve(&home(&cli), listen, !no_resume, *agent_timeout)?;
         }
         Cmd::Token(t) => run_token(&cli, t)?,
+        Cmd::Agent {
+            host,
+            root,
+            driver,
+            key,
+        } => {
+            let (Some(server), Some(token)) = (&cli.server, &cli.token) else {
+                bail!("`ferry agent` needs --server URL and --token T (an agent token for host {host}: `ferry token new NAME --role agent --host {host}` on the server)");
+            };
+            ferry_model::validate_name("host", host)?;
+            ferry_agent::run(ferry_agent::AgentOpts {
+                server: server.clone(),
+                token: token.clone(),
+                host: host.clone(),
+                root: root.clone(),
+                driver: driver.parse().map_err(anyhow::Error::msg)?,
+                key: key.clone(),
+            })?;
+        }
         Cmd::Demo {
             dir,
             disk_size,

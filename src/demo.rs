@@ -222,6 +222,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
         None,
         vec!["lan".into(), "dmz".into()],
         None,
+        false,
     )?;
     e.add_host(
         "dr1",
@@ -230,6 +231,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
         None,
         vec!["lan".into(), "dmz".into()],
         None,
+        false,
     )?;
     // No QEMU outlives the demo (the dir driver's "running" is only a flag).
     let _stop = (driver == DriverKind::Qemu).then_some(StopVms(&e));

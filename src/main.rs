@@ -8,8 +8,13 @@ mod demo;
 mod output;
 
 fn main() -> ExitCode {
-    use clap::Parser;
-    let args = cli::Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = cli::Cli::command().get_matches();
+    let mut args = match cli::Cli::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    args.home_flag = matches.value_source("home") == Some(clap::parser::ValueSource::CommandLine);
     // A server logs each request (and its scheduler's cycles) unless told otherwise.
     let serving = matches!(args.cmd, cli::Cmd::Serve { .. });
     init_logging(if serving {

@@ -4,6 +4,7 @@
 mod harness;
 mod harness_selftest;
 
+mod agents;
 mod cli;
 mod cloud;
 mod crashes;

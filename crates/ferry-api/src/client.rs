@@ -110,6 +110,14 @@ impl Client {
         self.answer(self.request("GET", path).call())
     }
 
+    /// GET `path`, waiting up to `wait` for an answer; `None` on 204 No Content.
+    pub fn get_opt<T: DeserializeOwned>(&self, path: &str, wait: Duration) -> ApiResult<Option<T>> {
+        match self.request("GET", path).timeout(wait).call() {
+            Ok(r) if r.status() == 204 => Ok(None),
+            r => self.answer(r).map(Some),
+        }
+    }
+
     /// POST `body` as JSON to `path`.
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> ApiResult<T> {
         self.answer(self.request("POST", path).send_json(body))

@@ -48,6 +48,9 @@ pub struct HostAdd {
     /// qemu: `kvm`, `tcg` or `auto`.
     #[serde(default)]
     pub accel: Option<String>,
+    /// Served by a `ferry agent` on the host's own machine (then no `root`: the agent has it).
+    #[serde(default)]
+    pub agent: bool,
 }
 
 /// A host as `ferry host show` prints it.
@@ -68,6 +71,131 @@ pub struct HostView {
     /// qemu: the accelerator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,
+    /// Hosts served by a `ferry agent`: its connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentView>,
+}
+
+/// The connection of an agent host's `ferry agent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentView {
+    /// True while its heartbeats arrive (none missed for the server's agent timeout).
+    pub connected: bool,
+    /// RFC 3339 time of its last heartbeat (absent before the first).
+    pub last_seen: Option<String>,
+    /// Its ferry version (absent before the first heartbeat).
+    pub version: Option<String>,
+}
+
+/// `POST /v1/agent/heartbeat`: an agent says it is alive (and registers with its first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentHello {
+    /// The host it serves.
+    pub host: String,
+    /// Its ferry version.
+    pub version: String,
+    /// The driver it runs.
+    pub driver: ferry_model::DriverKind,
+    /// Its `--root` folder.
+    pub root: String,
+}
+
+/// The control plane's answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentWelcome {
+    /// The host as the control plane knows it.
+    pub host: ferry_model::Host,
+    /// Seconds without a heartbeat after which the host counts as disconnected.
+    pub timeout_s: u64,
+}
+
+/// One piece of work for an agent (`GET /v1/agent/tasks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentTask {
+    /// Task id, to answer with.
+    pub id: u64,
+    /// The host record (switches, accelerator) the work is for.
+    pub host: ferry_model::Host,
+    /// What to do.
+    pub op: AgentOp,
+}
+
+/// Hypervisor work an agent does on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentOp {
+    /// Is the host usable (its root readable, its programs present)?
+    CheckConnected,
+    /// Every VM of the host.
+    ListVms,
+    /// One VM, or null.
+    GetVm {
+        /// VM name.
+        name: String,
+    },
+    /// Create a stopped VM with zeroed disks.
+    CreateVm {
+        /// VM name.
+        name: String,
+        /// Virtual CPUs.
+        cpus: u32,
+        /// Memory in bytes.
+        memory: u64,
+        /// Disk sizes in bytes.
+        disks: Vec<u64>,
+        /// Switch of each NIC.
+        nics: Vec<String>,
+    },
+    /// Delete a VM and its disks.
+    DeleteVm {
+        /// VM name.
+        name: String,
+    },
+    /// Start a VM.
+    StartVm {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a VM.
+    StopVm {
+        /// VM name.
+        name: String,
+    },
+    /// Mark a disk consistent or not.
+    SetDiskConsistent {
+        /// VM name.
+        name: String,
+        /// Disk index.
+        index: u32,
+        /// Consistent?
+        consistent: bool,
+    },
+    /// A disk's change stamp.
+    DiskStamp {
+        /// VM name.
+        name: String,
+        /// Disk index.
+        index: u32,
+    },
+    /// Start change tracking on every disk; returns a mark per disk.
+    MarkDisks {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// An agent's answer to a task: `ok` with the result, or `error` with the message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentResult {
+    /// The result (JSON of the operation's value).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub ok: Option<serde_json::Value>,
+    /// What went wrong, as the user should read it.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// One disk of a [`VmView`].

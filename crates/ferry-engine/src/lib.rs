@@ -131,6 +131,16 @@ pub struct Engine {
     observer: Option<Observer>,
     notify: Option<Notify>,
     key_file: Option<PathBuf>,
+    remote: Option<Arc<dyn RemoteHosts>>,
+}
+
+/// Why hosts could not be asked (one message each).
+type Unreachable = Vec<String>;
+
+/// Drivers of hosts whose disks and hypervisor only their own `ferry agent` can reach.
+pub trait RemoteHosts: Send + Sync {
+    /// The driver of agent host `host`, forwarding each call to its agent.
+    fn driver(&self, host: &Host) -> Result<Box<dyn Hypervisor>>;
 }
 
 /// Receives one-line notes for the operator (e.g. the failback recommendation).
@@ -150,6 +160,7 @@ impl Engine {
             observer: None,
             notify: None,
             key_file: None,
+            remote: None,
         })
     }
 
@@ -162,6 +173,7 @@ impl Engine {
             observer: None,
             notify: None,
             key_file: None,
+            remote: None,
         };
         e.reconcile()?;
         Ok(e)
@@ -284,7 +296,9 @@ impl Engine {
         }
     }
 
-    /// Adds a host to a site; its root defaults to a folder under the home.
+    /// Adds a host to a site; its root defaults to a folder under the home. An `agent` host is
+    /// served by a `ferry agent` on its own machine, whose `--root` becomes the host's root.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_host(
         &self,
         name: &str,
@@ -293,6 +307,7 @@ impl Engine {
         root: Option<PathBuf>,
         switches: Vec<String>,
         accel: Option<String>,
+        agent: bool,
     ) -> Result<Host> {
         if let Some(a) = &accel {
             if driver != ferry_model::DriverKind::Qemu {
@@ -311,9 +326,17 @@ impl Engine {
         if self.vault.host(name)?.is_some() {
             bail!("host {name} already exists; see it with `ferry host show {name}`");
         }
-        let root = self.abs(&root.unwrap_or_else(|| self.home.join("hosts").join(name)));
-        std::fs::create_dir_all(&root)
-            .with_context(|| format!("cannot create host root {}", root.display()))?;
+        if agent && root.is_some() {
+            bail!("--root applies to hosts ferry drives itself; an agent host's root is the agent's `ferry agent --root DIR` on its own machine");
+        }
+        let root = if agent {
+            PathBuf::new()
+        } else {
+            let root = self.abs(&root.unwrap_or_else(|| self.home.join("hosts").join(name)));
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("cannot create host root {}", root.display()))?;
+            root
+        };
         let mut sw = switches;
         sw.dedup();
         let host = Host {
@@ -323,8 +346,11 @@ impl Engine {
             root,
             switches: sw,
             accel: accel.map(|a| a.trim().to_ascii_lowercase()),
+            agent,
         };
-        ferry_hypervisor::connect(&host)?;
+        if !agent {
+            ferry_hypervisor::connect(&host)?;
+        }
         self.vault.add_host(&host)?;
         Ok(host)
     }
@@ -345,9 +371,23 @@ impl Engine {
             .ok_or_else(|| anyhow!("no host named {name}; add it with `ferry host add {name} --site SITE --driver dir`"))
     }
 
-    /// The driver of a host.
+    /// The driver of a host: in this process, or through the host's agent.
     pub fn driver(&self, host: &Host) -> Result<Box<dyn Hypervisor>> {
+        if host.agent {
+            return match &self.remote {
+                Some(r) => r.driver(host),
+                None => bail!(
+                    "host {} is served by a ferry agent; run this command against the control plane it reports to (`--server URL`, or FERRY_SERVER)",
+                    host.name
+                ),
+            };
+        }
         Ok(ferry_hypervisor::connect(host)?)
+    }
+
+    /// Reaches hosts served by agents (set by `ferry serve`).
+    pub fn set_remote(&mut self, r: Arc<dyn RemoteHosts>) {
+        self.remote = Some(r);
     }
 
     /// The store of a site.
@@ -368,17 +408,31 @@ impl Engine {
 
     /// Every copy of a VM on any connected host.
     pub fn copies(&self, vm: &str) -> Result<Vec<(Host, VmInfo)>> {
-        let mut out = Vec::new();
+        Ok(self.copies_and_unreachable(vm)?.0)
+    }
+
+    /// Every copy of a VM on any connected host, and why each other host cannot be asked.
+    fn copies_and_unreachable(&self, vm: &str) -> Result<(Vec<(Host, VmInfo)>, Unreachable)> {
+        let (mut out, mut unreachable) = (Vec::new(), Vec::new());
         for h in self.vault.hosts()? {
-            let d = self.driver(&h)?;
-            if d.check_connected().is_err() {
+            // A host out of reach (an agent host in embedded mode, a disconnected one) has no
+            // copy to show.
+            let d = match self.driver(&h) {
+                Ok(d) => d,
+                Err(e) => {
+                    unreachable.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            if let Err(e) = d.check_connected() {
+                unreachable.push(e.to_string());
                 continue;
             }
             if let Some(info) = d.get_vm(vm)? {
                 out.push((h, info));
             }
         }
-        Ok(out)
+        Ok((out, unreachable))
     }
 
     /// The copy of `vm` that `vm …` commands address: on `host` if given, else the active copy.
@@ -400,8 +454,12 @@ impl Engine {
             };
             return self.locate_vm(vm, Some(&h));
         }
-        let copies = self.copies(vm)?;
+        let (copies, unreachable) = self.copies_and_unreachable(vm)?;
         match copies.len() {
+            0 if !unreachable.is_empty() => bail!(
+                "VM {vm} is on none of the connected hosts, and some hosts cannot be asked: {}",
+                unreachable.join("; ")
+            ),
             0 => bail!("VM {vm} does not exist on any host; create it with `ferry vm create {vm} --host HOST --disk SIZE`"),
             1 => Ok(copies.into_iter().next().unwrap()),
             _ => bail!(

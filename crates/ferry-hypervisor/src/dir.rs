@@ -287,6 +287,7 @@ mod tests {
             root: root.to_path_buf(),
             switches: vec!["lan".into()],
             accel: None,
+            agent: false,
         }
     }
 

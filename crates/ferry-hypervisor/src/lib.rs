@@ -32,6 +32,14 @@ pub enum HvError {
         /// Why.
         reason: String,
     },
+    /// An agent host whose agent does not answer.
+    #[error("host {host} is not connected: its agent {seen}; start `ferry agent --host {host} …` on that machine (or check its network to the control plane), then retry")]
+    Disconnected {
+        /// Host name.
+        host: String,
+        /// When it was last seen, in words.
+        seen: String,
+    },
     /// No such VM on the host.
     #[error("VM {vm} does not exist on host {host}")]
     NoSuchVm {

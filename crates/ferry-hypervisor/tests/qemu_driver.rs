@@ -21,6 +21,7 @@ fn driver(root: &Path) -> Option<QemuDriver> {
         root: root.to_path_buf(),
         switches: vec!["lan".into()],
         accel: None,
+        agent: false,
     };
     Some(QemuDriver::new(host).unwrap().with_accel(Accel::Tcg))
 }

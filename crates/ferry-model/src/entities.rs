@@ -94,6 +94,10 @@ pub struct Host {
     /// QEMU accelerator of the host's VMs (`kvm`, `tcg` or `auto`; `None`: auto).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,
+    /// True when a `ferry agent` on the host's own machine does its disk and hypervisor work
+    /// (`ferry host add … --agent`); `root` is then the agent's `--root`, as it reported it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent: bool,
 }
 
 /// A VM under ferry's care.

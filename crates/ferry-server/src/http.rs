@@ -17,7 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
+use crate::agents::Hub;
 use crate::local::{token_hash, Local};
+use std::sync::Arc;
 
 /// Largest request body the server reads (every request is small metadata).
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -27,6 +29,8 @@ pub const BODY_LIMIT: usize = 1 << 20;
 pub struct Srv {
     /// The operations, over the server's home.
     pub local: Local,
+    /// Work for agents.
+    pub hub: Arc<Hub>,
 }
 
 /// An [`ApiError`] as an HTTP response: its kind's status and `{"kind","error"}`.
@@ -114,6 +118,52 @@ impl Srv {
             ));
         }
         Ok(t)
+    }
+
+    /// The token of an agent's request, if it is an agent token for `host`.
+    fn authorize_agent(&self, headers: &HeaderMap, host: &str) -> ApiResult<TokenInfo> {
+        let t = self.authorize(headers, Role::Agent).map_err(|e| match e.kind {
+            ErrorKind::Forbidden => ApiError::new(
+                ErrorKind::Forbidden,
+                format!("this request is for agents: it needs role agent, with a token for host {host} (`ferry token new NAME --role agent --host {host}`)"),
+            ),
+            _ => e,
+        })?;
+        if t.host.as_deref() != Some(host) {
+            return Err(ApiError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "token {} acts as host {}, not {host}; nothing was changed",
+                    t.name,
+                    t.host.as_deref().unwrap_or("-")
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Authorizes an agent of `host`, then runs `f` on a blocking thread.
+    async fn call_agent<T: Serialize + Send + 'static>(
+        &self,
+        headers: HeaderMap,
+        host: String,
+        f: impl FnOnce(&Srv) -> ApiResult<T> + Send + 'static,
+    ) -> Reply<T> {
+        let me = self.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            check_name("host", &host)?;
+            me.authorize_agent(&headers, &host)?;
+            f(&me)
+        })
+        .await;
+        match r {
+            Ok(Ok(v)) => Ok(Json(v)),
+            Ok(Err(e)) => Err(Fail(e)),
+            Err(j) => Err(Fail(ApiError::new(
+                ErrorKind::Internal,
+                format!("internal error ({j}); this is a bug: the server's log has the details"),
+            ))),
+        }
     }
 
     /// Authorizes, then runs `f` on a blocking thread (the engine is synchronous).
@@ -544,6 +594,84 @@ async fn token_revoke(
     .await
 }
 
+/// Query of the agent endpoints.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AgentQuery {
+    /// The host the agent serves.
+    pub host: String,
+}
+
+/// An agent's heartbeat (its first registers it): the host as the control plane knows it.
+#[utoipa::path(post, path = "/v1/agent/heartbeat", tag = "agents", request_body = AgentHello, responses((status = 200, body = AgentWelcome), (status = "4XX", body = ApiError)), security(("token" = [])))]
+async fn agent_heartbeat(
+    State(s): State<Srv>,
+    headers: HeaderMap,
+    Body(req): Body<AgentHello>,
+) -> Reply<AgentWelcome> {
+    s.call_agent(headers, req.host.clone(), move |s| {
+        let v = ferry_vault::Vault::open(s.local.home()).map_err(|e| ApiError::refused(e.to_string()))?;
+        let name = &req.host;
+        let host = v
+            .host(name)
+            .map_err(|e| ApiError::refused(e.to_string()))?
+            .ok_or_else(|| ApiError::refused(format!("no host named {name}; declare it with `ferry host add {name} --site SITE --driver {} --agent`", req.driver.as_str())))?;
+        if !host.agent {
+            return Err(ApiError::refused(format!("host {name} is driven by the control plane itself, not by an agent; declare agent hosts with `ferry host add NAME … --agent`")));
+        }
+        if host.driver != req.driver {
+            return Err(ApiError::refused(format!("host {name} is declared with driver {}, and this agent runs {}; start it with --driver {}", host.driver.as_str(), req.driver.as_str(), host.driver.as_str())));
+        }
+        let first = v.agent(name).ok().flatten().is_none();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        v.agent_seen(name, &ferry_vault::AgentInfo { last_seen: now, version: req.version.clone(), driver: req.driver.as_str().into(), root: req.root.clone() })
+            .map_err(|e| ApiError::refused(e.to_string()))?;
+        if first {
+            tracing::info!("agent of host {name} registered (ferry {}, root {})", req.version, req.root);
+        }
+        let host = v.host(name).map_err(|e| ApiError::refused(e.to_string()))?.expect("exists");
+        Ok(AgentWelcome { host, timeout_s: s.hub.timeout.as_secs() })
+    })
+    .await
+}
+
+/// The next task for an agent; waits up to 20 s, then answers 204 (ask again).
+#[utoipa::path(get, path = "/v1/agent/tasks", tag = "agents", params(AgentQuery), responses((status = 200, body = AgentTask), (status = 204, description = "no work yet: ask again"), (status = "4XX", body = ApiError)), security(("token" = [])))]
+async fn agent_task(
+    State(s): State<Srv>,
+    headers: HeaderMap,
+    Query(q): Query<AgentQuery>,
+) -> Result<Response, Fail> {
+    let host = q.host.clone();
+    let _ = s.call_agent(headers, host.clone(), |_| Ok(())).await?;
+    Ok(match s.hub.next_task(&host).await {
+        Some(t) => Json(t).into_response(),
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
+}
+
+/// An agent's answer to task `id`.
+#[utoipa::path(post, path = "/v1/agent/tasks/{id}", tag = "agents", params(("id" = u64, Path, description = "task id"), AgentQuery), request_body = AgentResult, responses((status = 200, body = Empty), (status = "4XX", body = ApiError)), security(("token" = [])))]
+async fn agent_result(
+    State(s): State<Srv>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Query(q): Query<AgentQuery>,
+    Body(r): Body<AgentResult>,
+) -> Reply<Empty> {
+    s.call_agent(headers, q.host.clone(), move |s| {
+        if s.hub.resolve(id, &q.host, r) {
+            Ok(Empty {})
+        } else {
+            Err(ApiError::refused(format!(
+                "no task {id} of host {} is waiting (it timed out, or the server restarted)",
+                q.host
+            )))
+        }
+    })
+    .await
+}
+
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -565,7 +693,7 @@ impl utoipa::Modify for BearerAuth {
     paths(info, sites, add_site, hosts, host, add_host, vms, vm, create_vm, power, points,
           protect, replicate, reverse_replicate, failover, failback, complete, cancel, commit, verify,
           statuses, status, jobs, job, job_events, create_plan, plan, run_plan,
-          tokens, token_new, token_revoke),
+          tokens, token_new, token_revoke, agent_heartbeat, agent_task, agent_result),
     components(schemas(ApiError, ErrorKind, Empty)),
     modifiers(&BearerAuth)
 )]
@@ -643,6 +771,9 @@ pub fn router(srv: Srv) -> Router {
         .route("/v1/plans/{name}/run", post(run_plan))
         .route("/v1/tokens", get(tokens).post(token_new))
         .route("/v1/tokens/{name}", axum::routing::delete(token_revoke))
+        .route("/v1/agent/heartbeat", post(agent_heartbeat))
+        .route("/v1/agent/tasks", get(agent_task))
+        .route("/v1/agent/tasks/{id}", post(agent_result))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(log_request))
@@ -685,6 +816,6 @@ mod tests {
                 "{p} missing from the OpenAPI document"
             );
         }
-        assert_eq!(paths.len(), 27, "{:?}", paths.keys().collect::<Vec<_>>());
+        assert_eq!(paths.len(), 30, "{:?}", paths.keys().collect::<Vec<_>>());
     }
 }

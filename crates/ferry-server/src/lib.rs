@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+pub mod agents;
 pub mod http;
 pub mod local;
 pub mod scheduler;
@@ -21,13 +22,15 @@ pub const STOP_GRACE: Duration = Duration::from_secs(30);
 /// once it accepts connections. With `resume`, jobs that a killed ferry left running continue
 /// by themselves (see [`interrupted_jobs`]). On a signal it cancels the jobs it runs (a re-run
 /// of their command continues them) and exits.
-pub fn serve(home: &Path, listen: &str, resume: bool) -> Result<()> {
+pub fn serve(home: &Path, listen: &str, resume: bool, agent_timeout: Duration) -> Result<()> {
     ferry_engine::Engine::init(home)?;
     let interrupted = interrupted_jobs(home)?;
     // Settles them: their VMs become `…_interrupted` until they continue.
     ferry_engine::Engine::open(home)?;
     let mut local = Local::new(home);
     local.set_server_mode();
+    let hub = std::sync::Arc::new(agents::Hub::new(home.to_path_buf(), agent_timeout));
+    local.set_hub(hub.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferry-serve")
@@ -54,6 +57,7 @@ pub fn serve(home: &Path, listen: &str, resume: bool) -> Result<()> {
         let sched = scheduler::Scheduler::start(local.clone());
         let app = http::router(http::Srv {
             local: local.clone(),
+            hub,
         });
         tokio::select! {
             r = axum::serve(listener, app) => r.context("the HTTP server stopped")?,

@@ -17,6 +17,7 @@ pub struct Local {
     observer: Option<Observer>,
     notify: Option<Notify>,
     server: bool,
+    hub: Option<Arc<crate::agents::Hub>>,
 }
 
 /// Turns an engine error into the API's refusal (the whole chain of context, on one line).
@@ -93,7 +94,13 @@ impl Local {
             observer: None,
             notify: None,
             server: false,
+            hub: None,
         }
+    }
+
+    /// Serve mode: agent hosts are reached through `hub`.
+    pub fn set_hub(&mut self, hub: Arc<crate::agents::Hub>) {
+        self.hub = Some(hub);
     }
 
     /// Shows job progress while jobs run in this process (progress bars).
@@ -133,16 +140,28 @@ impl Local {
         if let Some(o) = &self.observer {
             e.set_observer(o.clone());
         }
+        if let Some(h) = &self.hub {
+            e.set_remote(Arc::new(crate::agents::Remote(h.clone())));
+        }
         e.set_key_file(key.map(PathBuf::from));
         Ok((e, notes))
     }
 
-    fn host_view(e: &Engine, h: &ferry_model::Host) -> HostView {
-        let connected = e
-            .driver(h)
-            .map(|d| d.check_connected().is_ok())
-            .unwrap_or(false);
+    fn host_view(&self, e: &Engine, h: &ferry_model::Host) -> HostView {
+        let agent = h.agent.then(|| match &self.hub {
+            Some(hub) => hub.view(&h.name),
+            None => crate::agents::Hub::new(self.home.clone(), crate::agents::AGENT_TIMEOUT)
+                .view(&h.name),
+        });
+        let connected = match &agent {
+            Some(a) => a.connected,
+            None => e
+                .driver(h)
+                .map(|d| d.check_connected().is_ok())
+                .unwrap_or(false),
+        };
         HostView {
+            agent,
             name: h.name.clone(),
             site: h.site.clone(),
             driver: h.driver.as_str().into(),
@@ -233,14 +252,14 @@ impl Api for Local {
             .hosts()
             .map_err(vault_err)?
             .iter()
-            .map(|h| Self::host_view(&e, h))
+            .map(|h| self.host_view(&e, h))
             .collect())
     }
 
     fn host(&self, name: &str) -> ApiResult<HostView> {
         let (e, _) = self.engine(None)?;
         let h = e.host(name).map_err(refused)?;
-        Ok(Self::host_view(&e, &h))
+        Ok(self.host_view(&e, &h))
     }
 
     fn add_host(&self, req: &HostAdd) -> ApiResult<HostView> {
@@ -253,16 +272,17 @@ impl Api for Local {
                 req.root.as_ref().map(PathBuf::from),
                 req.switches.clone(),
                 req.accel.clone(),
+                req.agent,
             )
             .map_err(refused)?;
-        Ok(Self::host_view(&e, &h))
+        Ok(self.host_view(&e, &h))
     }
 
     fn vms(&self) -> ApiResult<Vec<VmView>> {
         let (e, _) = self.engine(None)?;
         let mut out = Vec::new();
         for h in e.vault.hosts().map_err(vault_err)? {
-            let d = e.driver(&h).map_err(refused)?;
+            let Ok(d) = e.driver(&h) else { continue };
             if d.check_connected().is_err() {
                 continue;
             }

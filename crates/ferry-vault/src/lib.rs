@@ -49,6 +49,10 @@ const MIGRATIONS: &[&str] = &[
     // 5: API tokens of `ferry serve` (only a hash of each secret)
     "CREATE TABLE tokens(name TEXT PRIMARY KEY, role TEXT NOT NULL, host TEXT,
                          hash TEXT NOT NULL UNIQUE, created_at TEXT NOT NULL);",
+    // 6: hosts served by a `ferry agent`, and what their agents last reported
+    "ALTER TABLE hosts ADD COLUMN agent INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE agents(host TEXT PRIMARY KEY, last_seen INTEGER NOT NULL, version TEXT NOT NULL,
+                         driver TEXT NOT NULL, root TEXT NOT NULL);",
 ];
 
 /// Errors of the vault.
@@ -175,6 +179,19 @@ fn point_row(r: &Row) -> rusqlite::Result<RecoveryPoint> {
     })
 }
 
+/// What a host's agent reported in its last heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Unix time (seconds) of the heartbeat.
+    pub last_seen: i64,
+    /// The agent's ferry version.
+    pub version: String,
+    /// The driver it runs (`dir`, `qemu`).
+    pub driver: String,
+    /// Its `--root` folder on its own machine.
+    pub root: String,
+}
+
 /// Who runs a job: a process id and its start time (so a reused pid is not mistaken for it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Runner {
@@ -291,14 +308,15 @@ impl Vault {
             )));
         }
         self.conn.execute(
-            "INSERT INTO hosts(name, site, driver, root, switches, accel) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO hosts(name, site, driver, root, switches, accel, agent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 h.name,
                 h.site,
                 h.driver.as_str(),
                 h.root.display().to_string(),
                 serde_json::to_string(&h.switches).unwrap(),
-                h.accel
+                h.accel,
+                h.agent as i64
             ],
         )?;
         Ok(())
@@ -309,7 +327,7 @@ impl Vault {
         Ok(self
             .conn
             .query_row(
-                "SELECT name, site, driver, root, switches, accel FROM hosts WHERE name = ?1",
+                "SELECT name, site, driver, root, switches, accel, agent FROM hosts WHERE name = ?1",
                 [name],
                 |r| {
                     Ok(Host {
@@ -319,6 +337,7 @@ impl Vault {
                         root: PathBuf::from(r.get::<_, String>(3)?),
                         switches: json(r.get(4)?)?,
                         accel: r.get(5)?,
+                        agent: r.get::<_, i64>(6)? != 0,
                     })
                 },
             )
@@ -663,6 +682,42 @@ impl Vault {
             .optional()?)
     }
 
+    // ---- agents ----
+
+    /// Records a heartbeat of the agent of `host` at Unix time `now`; its root becomes the
+    /// host's root.
+    pub fn agent_seen(&self, host: &str, a: &AgentInfo) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO agents(host, last_seen, version, driver, root) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(host) DO UPDATE SET last_seen = ?2, version = ?3, driver = ?4, root = ?5",
+            params![host, a.last_seen, a.version, a.driver, a.root],
+        )?;
+        self.conn.execute(
+            "UPDATE hosts SET root = ?2 WHERE name = ?1 AND agent = 1",
+            params![host, a.root],
+        )?;
+        Ok(())
+    }
+
+    /// What the agent of `host` last reported, if it ever did.
+    pub fn agent(&self, host: &str) -> Result<Option<AgentInfo>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT last_seen, version, driver, root FROM agents WHERE host = ?1",
+                [host],
+                |r| {
+                    Ok(AgentInfo {
+                        last_seen: r.get(0)?,
+                        version: r.get(1)?,
+                        driver: r.get(2)?,
+                        root: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
     // ---- API tokens ----
 
     /// Adds a token; `hash` is the hash of its secret (the secret itself is never stored).
@@ -748,6 +803,47 @@ mod tests {
     }
 
     #[test]
+    fn an_agent_heartbeat_is_recorded_and_sets_its_hosts_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = Vault::create(dir.path()).unwrap();
+        v.add_site(&Site {
+            name: "p".into(),
+            role: SiteRole::Primary,
+            store: "file:///x".into(),
+        })
+        .unwrap();
+        let mut h = Host {
+            name: "a1".into(),
+            site: "p".into(),
+            driver: DriverKind::Dir,
+            root: PathBuf::new(),
+            switches: vec![],
+            accel: None,
+            agent: true,
+        };
+        v.add_host(&h).unwrap();
+        assert_eq!(v.agent("a1").unwrap(), None);
+        let a = AgentInfo {
+            last_seen: 100,
+            version: "0.1.0".into(),
+            driver: "dir".into(),
+            root: "/srv/vms".into(),
+        };
+        v.agent_seen("a1", &a).unwrap();
+        v.agent_seen(
+            "a1",
+            &AgentInfo {
+                last_seen: 105,
+                ..a.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(v.agent("a1").unwrap().unwrap().last_seen, 105);
+        h.root = "/srv/vms".into();
+        assert_eq!(v.host("a1").unwrap(), Some(h));
+    }
+
+    #[test]
     fn tokens_are_found_by_hash_listed_and_revoked() {
         let dir = tempfile::tempdir().unwrap();
         let v = Vault::create(dir.path()).unwrap();
@@ -797,6 +893,7 @@ mod tests {
             root: "/r".into(),
             switches: vec!["lan".into()],
             accel: Some("tcg".into()),
+            agent: false,
         };
         v.add_host(&h).unwrap();
         assert_eq!(v.hosts().unwrap(), vec![h]);
