@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what ferry's tests and benchmarks need on a Debian 12 (bookworm) machine.
 #
-#   scripts/install-deps.sh            # test deps: rsync, hyperfine, GNU time, curl,
+#   scripts/install-deps.sh            # test deps: rsync, hyperfine, GNU time, curl, openssl
+#                                      # (test certificates), unshare (agents' namespaces),
 #                                      # QEMU (qemu-system-x86 + libnbd-bin from bookworm-backports),
 #                                      # Azurite (npm, into .ci/node) and moto (pip; S3 API server)
 #   scripts/install-deps.sh --bench    # + b3sum (cargo install; a few minutes the first time)
@@ -72,10 +73,12 @@ install_base() {
     [ -x /usr/bin/time ] || missing+=(time)
     have python3 || missing+=(python3)
     have curl || missing+=(curl)
+    have openssl || missing+=(openssl)
+    have unshare || missing+=(util-linux)
     if [ "${#missing[@]}" -gt 0 ]; then
         apt_install "${missing[@]}"
     else
-        log "base tools present (rsync, hyperfine, /usr/bin/time, python3, curl)"
+        log "base tools present (rsync, hyperfine, /usr/bin/time, python3, curl, openssl, unshare)"
     fi
 }
 

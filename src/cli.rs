@@ -31,6 +31,9 @@ pub struct Cli {
     /// API token for --server (`ferry token new`)
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Trust this certificate (PEM: the server's own, or its CA's) for an https:// --server
+    #[arg(long, global = true, env = "FERRY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Print exactly one JSON document on stdout
     #[arg(long, global = true)]
     pub json: bool,
@@ -367,10 +370,11 @@ pub enum Cmd {
         /// Missed heartbeats for this long mark an agent host disconnected
         #[arg(long, default_value = "15s", value_parser = parse_duration_arg)]
         agent_timeout: Duration,
-        /// TLS certificate (PEM) — see `ferry serve --help`
+        /// Serve HTTPS with this certificate chain (PEM); clients that do not trust its issuer
+        /// pass --ca-cert FILE (or FERRY_CA_CERT)
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
-        /// TLS private key (PEM)
+        /// Private key of --tls-cert (PEM)
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
@@ -654,7 +658,8 @@ fn home(cli: &Cli) -> PathBuf {
 fn api(cli: &Cli) -> Result<Box<dyn Api>> {
     let progress = output::show_progress(cli.json);
     if let Some(url) = cli.server.as_ref().filter(|_| !cli.home_flag) {
-        let mut c = ferry_api::client::Client::new(url, cli.token.clone())?;
+        let mut c =
+            ferry_api::client::Client::with_ca(url, cli.token.clone(), cli.ca_cert.as_deref())?;
         if progress {
             let (obs, _bar) = output::progress_observer();
             c.set_progress(obs);
@@ -1098,12 +1103,10 @@ pub fn run(cli: Cli) -> Result<()> {
             no_resume,
             agent_timeout,
             tls_cert,
-            tls_key: _,
+            tls_key,
         } => {
-            if tls_cert.is_some() {
-                bail!("--tls-cert/--tls-key: TLS is not built into this version of ferry serve yet; listen on 127.0.0.1 and put a TLS-terminating proxy in front (docs/deploy.md)");
-            }
-            ferry_server::serve(&home(&cli), listen, !no_resume, *agent_timeout)?;
+            let tls = tls_cert.as_deref().zip(tls_key.as_deref());
+            ferry_server::serve(&home(&cli), listen, !no_resume, *agent_timeout, tls)?;
         }
         Cmd::Token(t) => run_token(&cli, t)?,
         Cmd::Agent {
@@ -1117,6 +1120,7 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             ferry_model::validate_name("host", host)?;
             ferry_agent::run(ferry_agent::AgentOpts {
+                ca_cert: cli.ca_cert.clone(),
                 server: server.clone(),
                 token: token.clone(),
                 host: host.clone(),

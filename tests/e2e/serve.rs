@@ -403,3 +403,81 @@ fn a_killed_server_continues_its_failback_by_itself_after_a_restart() {
     assert_job_state(&job, "succeeded");
     assert_all_identical(&prim, &rec);
 }
+
+#[test]
+fn with_a_certificate_the_server_speaks_https_and_clients_trust_it_with_ca_cert() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .args(["-subj", "/CN=localhost", "-days", "2"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("note: TLS test skipped: openssl cannot make a test certificate here");
+        return;
+    }
+    let f = Ferry::served();
+    f.start_server_with(
+        &[],
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let (url, token) = f.server_url().unwrap();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let run = |extra: &[&str], args: &[&str]| {
+        let mut c = Command::new(Ferry::bin());
+        c.arg("--server")
+            .arg(&url)
+            .arg("--token")
+            .arg(&token)
+            .args(extra)
+            .args(args);
+        c.env_remove("FERRY_CA_CERT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        wait_output(c.spawn().unwrap(), CMD_TIMEOUT, "ferry over https")
+    };
+    // Not trusted: refused, and the message says how to trust it.
+    let out = run(&[], &["site", "list"]);
+    assert_exit(&out, 1, &["site", "list"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ca-cert"), "{err}");
+    // Trusted: every command works as over plain HTTP.
+    let ca = ["--ca-cert", cert.to_str().unwrap()];
+    let out = run(&ca, &["site", "add", "prim", "--role", "primary"]);
+    assert_exit(&out, 0, &["site", "add"]);
+    let out = run(&ca, &["--json", "site", "list"]);
+    assert_exit(&out, 0, &["site", "list"]);
+    let sites: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sites[0]["name"], "prim");
+    // Plain HTTP to the HTTPS port does not get in.
+    let plain = url.replace("https://", "http://");
+    let mut c = Command::new(Ferry::bin());
+    c.args(["--server", &plain, "--token", &token, "site", "list"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = wait_output(c.spawn().unwrap(), CMD_TIMEOUT, "plain http");
+    assert_exit(&out, 1, &["site", "list"]);
+}

@@ -30,6 +30,8 @@ pub struct AgentOpts {
     pub driver: DriverKind,
     /// The encryption key of VMs whose data this agent moves (stays on this machine).
     pub key: Option<PathBuf>,
+    /// Certificate to trust for an https:// server (PEM).
+    pub ca_cert: Option<PathBuf>,
 }
 
 fn hello(o: &AgentOpts) -> AgentHello {
@@ -52,7 +54,7 @@ pub fn run(o: AgentOpts) -> Result<()> {
         let key = ferry_store::crypto::Key::load(k)?;
         tracing::info!("agent: key {} loaded from {}", key.id(), k.display());
     }
-    let client = Client::new(&o.server, Some(o.token.clone()))?;
+    let client = Client::with_ca(&o.server, Some(o.token.clone()), o.ca_cert.as_deref())?;
     let welcome = loop {
         match client.post::<_, AgentWelcome>("/v1/agent/heartbeat", &hello(&o)) {
             Ok(w) => break w,
@@ -189,6 +191,7 @@ mod tests {
             root: dir.path().into(),
             driver: DriverKind::Dir,
             key: None,
+            ca_cert: None,
         };
         let host = Host {
             name: "a1".into(),

@@ -40,6 +40,16 @@ pub fn segment(s: &str) -> String {
 impl Client {
     /// A client of the server at `url` (`http://127.0.0.1:7450`), authenticating with `token`.
     pub fn new(url: &str, token: Option<String>) -> ApiResult<Self> {
+        Self::with_ca(url, token, None)
+    }
+
+    /// Like [`Client::new`]; an `https://` server's certificate may also be signed by the CA
+    /// (or be the self-signed certificate) in the PEM file `ca`.
+    pub fn with_ca(
+        url: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> ApiResult<Self> {
         let base = url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ApiError::bad_request(format!(
@@ -48,6 +58,7 @@ impl Client {
         }
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
+            .tls_config(tls_config(ca)?)
             .build();
         Ok(Client {
             base,
@@ -94,6 +105,15 @@ impl Client {
                         format!("the server at {} answered {code}: {}", self.base, body.trim()),
                     )
                 }))
+            }
+            Err(ureq::Error::Transport(t)) if t.to_string().contains("peer certificate") => {
+                Err(ApiError::new(
+                    ErrorKind::Unreachable,
+                    format!(
+                        "the ferry server at {} presented a certificate this machine does not trust ({t}); pass its certificate (or its CA's) with --ca-cert FILE or FERRY_CA_CERT",
+                        self.base
+                    ),
+                ))
             }
             Err(ureq::Error::Transport(t)) => Err(ApiError::new(
                 ErrorKind::Unreachable,
@@ -158,6 +178,41 @@ impl Client {
         let _ = watcher.join();
         r
     }
+}
+
+/// TLS of the client: the usual public roots, plus the certificates of `ca` (PEM).
+fn tls_config(ca: Option<&std::path::Path>) -> ApiResult<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca {
+        let bad = |e: String| {
+            ApiError::bad_request(format!(
+                "--ca-cert {}: {e}; give the PEM certificate of the server (or of the CA that signed it)",
+                path.display()
+            ))
+        };
+        let mut n = 0;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(e.to_string()))?
+        {
+            roots
+                .add(c.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(bad("no certificate in it".into()));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApiError::new(ErrorKind::Internal, e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
 }
 
 fn vm_path(vm: &str, op: &str) -> String {

@@ -11,6 +11,7 @@ pub mod agents;
 pub mod http;
 pub mod local;
 pub mod scheduler;
+pub mod tls;
 
 pub use local::Local;
 
@@ -22,7 +23,14 @@ pub const STOP_GRACE: Duration = Duration::from_secs(30);
 /// once it accepts connections. With `resume`, jobs that a killed ferry left running continue
 /// by themselves (see [`interrupted_jobs`]). On a signal it cancels the jobs it runs (a re-run
 /// of their command continues them) and exits.
-pub fn serve(home: &Path, listen: &str, resume: bool, agent_timeout: Duration) -> Result<()> {
+pub fn serve(
+    home: &Path,
+    listen: &str,
+    resume: bool,
+    agent_timeout: Duration,
+    tls: Option<(&Path, &Path)>,
+) -> Result<()> {
+    let acceptor = tls.map(|(c, k)| tls::acceptor(c, k)).transpose()?;
     ferry_engine::Engine::init(home)?;
     let interrupted = interrupted_jobs(home)?;
     // Settles them: their VMs become `…_interrupted` until they continue.
@@ -40,9 +48,10 @@ pub fn serve(home: &Path, listen: &str, resume: bool, agent_timeout: Duration) -
             .await
             .with_context(|| format!("cannot listen on {listen} (in use, or not an address of this machine?); pick another with --listen HOST:PORT"))?;
         let addr = listener.local_addr()?;
-        println!("listening on http://{addr}");
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        println!("listening on {scheme}://{addr}");
         std::io::stdout().flush().ok();
-        tracing::info!("ferry serve: home {}, listening on http://{addr}", home.display());
+        tracing::info!("ferry serve: home {}, listening on {scheme}://{addr}", home.display());
         if resume {
             for id in &interrupted {
                 resume_job(home, *id);
@@ -59,9 +68,20 @@ pub fn serve(home: &Path, listen: &str, resume: bool, agent_timeout: Duration) -
             local: local.clone(),
             hub,
         });
-        tokio::select! {
-            r = axum::serve(listener, app) => r.context("the HTTP server stopped")?,
-            _ = shutdown_signal() => tracing::info!("ferry serve: stopping"),
+        match acceptor {
+            Some(acceptor) => {
+                let l = tls::TlsListener { tcp: listener, acceptor };
+                tokio::select! {
+                    r = axum::serve(l, app) => r.context("the HTTPS server stopped")?,
+                    _ = shutdown_signal() => tracing::info!("ferry serve: stopping"),
+                }
+            }
+            None => {
+                tokio::select! {
+                    r = axum::serve(listener, app) => r.context("the HTTP server stopped")?,
+                    _ = shutdown_signal() => tracing::info!("ferry serve: stopping"),
+                }
+            }
         }
         sched.stop();
         anyhow::Ok(())
