@@ -887,15 +887,23 @@ pub fn run(cli: Cli) -> Result<()> {
             key,
             verify,
             data,
+        }
+        | Cmd::ReverseReplicate {
+            vm,
+            key,
+            verify,
+            data,
         } => {
-            let r = api(&cli)?.replicate(
-                vm,
-                &ReplicateReq {
-                    key: key_arg(key),
-                    verify: *verify,
-                    data: data.opts(),
-                },
-            )?;
+            let req = ReplicateReq {
+                key: key_arg(key),
+                verify: *verify,
+                data: data.opts(),
+            };
+            let api = api(&cli)?;
+            let r = match cli.cmd {
+                Cmd::Replicate { .. } => api.replicate(vm, &req)?,
+                _ => api.reverse_replicate(vm, &req)?,
+            };
             print_run(&r, j);
         }
         Cmd::Points { vm } => {
@@ -987,22 +995,6 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Cancel { vm } => print_run(&api(&cli)?.cancel(vm)?, j),
         Cmd::Commit { vm } => print_run(&api(&cli)?.commit(vm)?, j),
-        Cmd::ReverseReplicate {
-            vm,
-            key,
-            verify,
-            data,
-        } => {
-            let r = api(&cli)?.reverse_replicate(
-                vm,
-                &ReplicateReq {
-                    key: key_arg(key),
-                    verify: *verify,
-                    data: data.opts(),
-                },
-            )?;
-            print_run(&r, j);
-        }
         Cmd::Status { vm } => match vm {
             Some(vm) => {
                 let s = api(&cli)?.status(vm)?;
