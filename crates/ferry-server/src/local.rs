@@ -34,7 +34,8 @@ fn opts(d: &DataOpts) -> RunOpts {
     o
 }
 
-fn seconds_since(rfc3339: &str) -> Option<u64> {
+/// Seconds since an RFC 3339 time ferry wrote (None when unreadable).
+pub(crate) fn seconds_since(rfc3339: &str) -> Option<u64> {
     let t = ferry_engine::parse_rfc3339(rfc3339)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -374,17 +375,14 @@ impl Api for Local {
 
     fn failover(&self, vm: &str, req: &FailoverReq) -> ApiResult<RunReply> {
         let (e, notes) = self.engine(req.key.as_deref())?;
-        let mode = match req.mode {
-            FailoverMode::Planned => ferry_engine::FailoverMode::Planned,
-            FailoverMode::Unplanned => ferry_engine::FailoverMode::Unplanned,
-        };
-        if req.point.is_some() && req.mode == FailoverMode::Planned {
-            return Err(ApiError::refused(
-                "--point applies to unplanned failovers; add --unplanned",
-            ));
-        }
         let job = e
-            .failover(vm, mode, req.point, req.host.as_deref(), opts(&req.data))
+            .failover(
+                vm,
+                req.mode,
+                req.point,
+                req.host.as_deref(),
+                opts(&req.data),
+            )
             .map_err(refused)?;
         Ok(Self::reply(job, &notes))
     }
@@ -501,10 +499,7 @@ impl Api for Local {
         let (e, _) = self.engine(req.key.as_deref())?;
         let action = match req.action {
             PlanActionKind::Failover => PlanAction::Failover {
-                mode: match req.mode {
-                    FailoverMode::Planned => ferry_engine::FailoverMode::Planned,
-                    FailoverMode::Unplanned => ferry_engine::FailoverMode::Unplanned,
-                },
+                mode: req.mode,
                 host: req.host.clone(),
             },
             PlanActionKind::Failback => {

@@ -79,14 +79,7 @@ fn run(local: Local, stop: Arc<AtomicBool>) {
                 .points(&item.vm)
                 .ok()
                 .and_then(|p| p.first().cloned())
-                .and_then(|p| ferry_engine::parse_rfc3339(&p.created_at))
-                .map(|t| {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs() as i64;
-                    (now - t).max(0) as u64
-                });
+                .and_then(|p| crate::local::seconds_since(&p.created_at));
             if !due(&item, age, tried.get(&item.vm).map(|t| t.elapsed())) {
                 continue;
             }

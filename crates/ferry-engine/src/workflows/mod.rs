@@ -43,14 +43,8 @@ impl Default for RunOpts {
     }
 }
 
-/// How a failover treats the primary copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailoverMode {
-    /// Stop the primary, replicate the last changes, then recover: no data loss.
-    Planned,
-    /// Recover from an existing point without touching the primary.
-    Unplanned,
-}
+/// How a failover treats the primary copy (one type with the API's).
+pub use ferry_api::FailoverMode;
 
 /// Options of `ferry failback`.
 #[derive(Debug, Clone, Default)]
