@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Control-plane overhead: the same delta failback embedded and through `ferry serve`, side by
-# side in one run, on identical data.
+# Control-plane and agent overhead: the same delta failback embedded, through `ferry serve`, and
+# through `ferry serve` with one `ferry agent` per site, side by side in one run, on identical data.
 #
 #   SIZE=1GiB bench/serve.sh                # quick run
 #   SIZE=4GiB bench/serve.sh --update-docs  # the published run (into docs/benchmarks.md)
 #
-# Each round builds two identical installations (same generated disk, same CHANGE_PCT% of
+# Each round builds three identical installations (same generated disk, same CHANGE_PCT% of
 # changed blocks at the recovery site), then times `ferry failback app --auto-complete` (phase 1
-# + 2) in each: once as an embedded command (--home), once as a client of a `ferry serve` over
-# the other home (--server, --token). ROUNDS rounds alternate which goes first; the report gives
-# medians, the byte counters of both and the ratio served / embedded (target: ≤ 1.15, same bytes).
-#
-# Hosts are driven by the control plane itself (dir driver): this measures what the API, the
-# tokens and the per-request engine cost on top of the same data path. Failback through agents
-# (the control plane moving metadata only) is measured once agents move disk data (docs/agents.md).
+# + 2) in each:
+#   embedded  one process (--home), hosts driven in-process;
+#   served    a client of `ferry serve` over the other home, hosts driven by the server;
+#   agents    a client of `ferry serve` whose two hosts are served by `ferry agent` processes
+#             (each with its own root, a store folder outside the server's home): the control
+#             plane moves metadata only, the recovery agent captures its disk into the store,
+#             the primary agent writes the differing blocks from it.
+# ROUNDS rounds rotate which goes first; the report gives medians, the byte counters and the
+# ratios to embedded (target for agents: <= 1.15x the time, the same bytes transferred and written).
 #
 # Options: --no-build (use target/release/ferry or $FERRY as is), --keep, --update-docs.
 # Environment: SIZE (1GiB), CHANGE_PCT (1), ROUNDS (3), SEED (42), OUT (bench/out), FERRY.
@@ -55,13 +57,76 @@ FERRY_BIN=${FERRY_BIN:-$ROOT/target/release/ferry}
 bytes=$(python3 "$HELP" size "$SIZE")
 
 SERVER_PID=
+A_SERVER_PID=
+A_PIDS=()
+A_URL= A_TOKEN=
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
+    [ -n "$A_SERVER_PID" ] && kill "$A_SERVER_PID" 2>/dev/null || true
+    stop_agents
     if [ "$keep" -eq 0 ] && [ "${ok:-0}" -eq 1 ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
 now() { python3 -c 'import time; print(f"{time.monotonic():.6f}")'; }
+
+stop_agents() {
+    local p
+    for p in "${A_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${A_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    A_PIDS=()
+}
+
+# start_server HOME OUTFILE: starts `ferry serve` on a free port (SERVER_PID); OUTFILE gets its URL.
+start_server() {
+    "$FERRY_BIN" --home "$1" serve --listen 127.0.0.1:0 >"$2" 2>>"$LOG" &
+    SERVER_PID=$!
+    for _ in $(seq 200); do grep -q '^listening on ' "$2" && break; sleep 0.05; done
+}
+
+# prepare_agents DIR: the installation of prepare(), but with a control plane left running
+# (A_SERVER_PID, A_URL, A_TOKEN) and an agent per host (A_PIDS) whose roots are DIR/h1 and
+# DIR/r1; the recovery site's store is DIR/store.
+prepare_agents() {
+    local dir=$1 home=$1/home
+    mkdir -p "$dir"
+    "$FERRY_BIN" --home "$home" init >>"$LOG"
+    local admin
+    admin=$("$FERRY_BIN" --home "$home" token new admin --role admin 2>>"$LOG")
+    A_TOKEN=$("$FERRY_BIN" --home "$home" token new bench --role operator 2>>"$LOG")
+    start_server "$home" "$dir/serve.out"
+    A_SERVER_PID=$SERVER_PID SERVER_PID=
+    A_URL=$(sed -n 's/^listening on //p' "$dir/serve.out")
+    local f=("$FERRY_BIN" --server "$A_URL" --token "$admin")
+    "${f[@]}" site add prim --role primary >>"$LOG"
+    "${f[@]}" site add dr --role recovery --store "file://$dir/store" >>"$LOG"
+    local host site t
+    for host in h1 r1; do
+        site=prim; [ "$host" = r1 ] && site=dr
+        "${f[@]}" host add "$host" --site "$site" --driver dir --switch lan --agent >>"$LOG"
+        t=$("${f[@]}" token new "$host-agent" --role agent --host "$host" 2>>"$LOG")
+        "$FERRY_BIN" agent --server "$A_URL" --token "$t" --host "$host" --root "$dir/$host" >>"$LOG" 2>&1 &
+        A_PIDS+=($!)
+    done
+    for host in h1 r1; do
+        for _ in $(seq 200); do
+            [ "$("${f[@]}" --json host show "$host" | python3 "$HELP" json agent.connected)" = true ] && break
+            sleep 0.05
+        done
+    done
+    "${f[@]}" vm create app --host h1 --disk "$bytes" --switch lan >>"$LOG"
+    local disk
+    disk=$("${f[@]}" --json vm show app | python3 "$HELP" json disks.0.path)
+    python3 "$HELP" gen "$disk" "$bytes" "$SEED"
+    "${f[@]}" vm start app >>"$LOG"
+    "${f[@]}" --json protect app --to dr >>"$LOG"
+    "${f[@]}" --json failover app --planned >>"$LOG"
+    "${f[@]}" --json commit app >>"$LOG"
+    local rdisk
+    rdisk=$("${f[@]}" --json vm show app --host r1 | python3 "$HELP" json disks.0.path)
+    python3 "$HELP" mutate "$rdisk" "$CHANGE_PCT" "$((SEED + 1))" >>"$LOG"
+    sync
+}
 
 # prepare HOME: two sites, a VM with one SIZE disk of generated data, protected, failed over,
 # committed, CHANGE_PCT% of its blocks rewritten at the recovery site.
@@ -91,14 +156,13 @@ prepare() {
 run() {
     local mode=$1 home=$2 args
     if [ "$mode" = served ]; then
-        local token
+        local token url
         token=$("$FERRY_BIN" --home "$home" token new bench --role operator 2>>"$LOG")
-        "$FERRY_BIN" --home "$home" serve --listen 127.0.0.1:0 >"$WORK/serve.out" 2>>"$LOG" &
-        SERVER_PID=$!
-        for _ in $(seq 100); do grep -q '^listening on ' "$WORK/serve.out" && break; sleep 0.05; done
-        local url
+        start_server "$home" "$WORK/serve.out"
         url=$(sed -n 's/^listening on //p' "$WORK/serve.out")
         args=(--server "$url" --token "$token")
+    elif [ "$mode" = agents ]; then
+        args=(--server "$A_URL" --token "$A_TOKEN")
     else
         args=(--home "$home")
     fi
@@ -111,38 +175,58 @@ run() {
     echo "$(python3 -c "print(f'{$t1 - $t0:.3f}')") $(echo "$job" | python3 "$HELP" json bytes_read) $(echo "$job" | python3 "$HELP" json bytes_transferred) $(echo "$job" | python3 "$HELP" json bytes_written)"
 }
 
-declare -a emb srv
+declare -a emb srv agt
 for r in $(seq "$ROUNDS"); do
     prepare "$WORK/e$r"
     prepare "$WORK/s$r"
-    if [ $((r % 2)) -eq 1 ]; then
-        e=$(run embedded "$WORK/e$r"); s=$(run served "$WORK/s$r")
-    else
-        s=$(run served "$WORK/s$r"); e=$(run embedded "$WORK/e$r")
-    fi
-    echo "round $r: embedded $e | served $s" | tee -a "$LOG" >&2
-    emb+=("$e"); srv+=("$s")
-    rm -rf "$WORK/e$r" "$WORK/s$r"
+    prepare_agents "$WORK/a$r"
+    case $((r % 3)) in
+        1) order="embedded served agents" ;;
+        2) order="agents embedded served" ;;
+        *) order="served agents embedded" ;;
+    esac
+    e= s= a=
+    for m in $order; do
+        case $m in
+            embedded) e=$(run embedded "$WORK/e$r") ;;
+            served) s=$(run served "$WORK/s$r") ;;
+            agents) a=$(run agents "$WORK/a$r") ;;
+        esac
+    done
+    kill "$A_SERVER_PID" 2>/dev/null || true
+    wait "$A_SERVER_PID" 2>/dev/null || true
+    A_SERVER_PID=
+    stop_agents
+    echo "round $r ($order): embedded $e | served $s | agents $a" | tee -a "$LOG" >&2
+    emb+=("$e"); srv+=("$s"); agt+=("$a")
+    rm -rf "$WORK/e$r" "$WORK/s$r" "$WORK/a$r"
 done
 
-python3 - "$SIZE" "$CHANGE_PCT" "${#emb[@]}" "${emb[@]}" "${srv[@]}" >"$RESULTS" <<'EOF'
+python3 - "$SIZE" "$CHANGE_PCT" "${#emb[@]}" "${emb[@]}" "${srv[@]}" "${agt[@]}" >"$RESULTS" <<'EOF'
 import statistics, sys
 size, pct, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rows = [list(map(float, x.split())) for x in sys.argv[4:]]
-emb, srv = rows[:n], rows[n:]
+emb, srv, agt = rows[:n], rows[n:2 * n], rows[2 * n:]
 med = lambda xs, i: statistics.median(x[i] for x in xs)
 def b(x): return f"{x / 2**20:.1f} MiB"
-ratio = med(srv, 0) / med(emb, 0)
-same = all(e[1:] == s[1:] for e, s in zip(emb, srv))
-print(f"Delta failback of a {size} disk with {pct}% of its blocks changed, phase 1 + 2, {n} alternating rounds (medians).\n")
-print("| | embedded (`--home`) | served (`--server`) | served ÷ embedded |")
-print("|---|---|---|---|")
-print(f"| time | {med(emb, 0):.2f} s | {med(srv, 0):.2f} s | **{ratio:.2f}×** |")
+r_srv = med(srv, 0) / med(emb, 0)
+r_agt = med(agt, 0) / med(emb, 0)
+same = lambda xs, i: all(e[i] == x[i] for e, x in zip(emb, xs))
+def cmp(xs, i): return "same" if same(xs, i) else f"{med(xs, i) / max(med(emb, i), 1):.2f}×"
+print(f"Delta failback of a {size} disk with {pct}% of its blocks changed, phase 1 + 2, {n} rounds with the order rotated (medians).\n")
+print("| | embedded (`--home`) | served (`--server`, hosts driven by the server) | server + one agent per site | served ÷ embedded | agents ÷ embedded |")
+print("|---|---|---|---|---|---|")
+print(f"| time | {med(emb, 0):.2f} s | {med(srv, 0):.2f} s | {med(agt, 0):.2f} s | **{r_srv:.2f}×** | **{r_agt:.2f}×** |")
 for i, name in [(1, "bytes read"), (2, "bytes transferred"), (3, "bytes written")]:
-    print(f"| {name} | {b(med(emb, i))} | {b(med(srv, i))} | {'same' if med(emb, i) == med(srv, i) else 'DIFFERENT'} |")
-print(f"| each round (s) | {' / '.join(f'{x[0]:.2f}' for x in emb)} | {' / '.join(f'{x[0]:.2f}' for x in srv)} | |")
+    print(f"| {name} | {b(med(emb, i))} | {b(med(srv, i))} | {b(med(agt, i))} | {cmp(srv, i)} | {cmp(agt, i)} |")
+print(f"| each round (s) | {' / '.join(f'{x[0]:.2f}' for x in emb)} | {' / '.join(f'{x[0]:.2f}' for x in srv)} | {' / '.join(f'{x[0]:.2f}' for x in agt)} | | |")
 print()
-print(f"Target ≤ 1.15× and the same bytes: **{'PASS' if ratio <= 1.15 and same else 'FAIL'}** (hosts driven by the control plane; not yet through agents).")
+ok_srv = r_srv <= 1.15 and same(srv, 2) and same(srv, 3)
+ok_agt = r_agt <= 1.15 and same(agt, 2) and same(agt, 3)
+print(f"Target ≤ 1.15× the embedded time with the same bytes transferred and written: served **{'PASS' if ok_srv else 'FAIL'}**, through agents **{'PASS' if ok_agt else 'FAIL'}**.")
+print()
+print("Bytes read may differ through agents: the recovery agent reads its disk into the store and the primary agent")
+print("writes from the store, where embedded mode compares the two disks in one pass and then stores the delta.")
 EOF
 cat "$RESULTS"
 if [ "$update_docs" -eq 1 ]; then

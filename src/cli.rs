@@ -586,8 +586,12 @@ pub enum VmCmd {
         #[arg(long)]
         host: Option<String>,
     },
-    /// List VMs on all hosts.
-    List,
+    /// List VMs on all hosts, or on one (`--host`).
+    List {
+        /// Only the VMs of this host.
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Show a VM (the active copy, or the copy on --host).
     Show {
         /// VM name
@@ -840,8 +844,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 format!("VM {} on host {} is {}", v.name, v.host, v.power)
             });
         }
-        Cmd::Vm(VmCmd::List) => {
-            let out = api(&cli)?.vms()?;
+        Cmd::Vm(VmCmd::List { host }) => {
+            let a = api(&cli)?;
+            if let Some(h) = host {
+                a.host(h)?; // an unknown host is an error, not an empty list
+            }
+            let mut out = a.vms()?;
+            if let Some(h) = host {
+                out.retain(|v| v.host == *h);
+            }
             if j {
                 output::json(&out)
             } else {

@@ -115,11 +115,6 @@ fn an_agent_in_its_own_namespace_serves_its_host_and_a_silent_one_disconnects_it
         err.contains("no switch named \"wan\""),
         "the agent's refusal reaches the user: {err}"
     );
-    // Moving disk data through agents is not there yet: refused before anything changes.
-    let err = f.fail(&["protect", "web", "--to", "dr"]);
-    assert!(err.contains("not available in this version"), "{err}");
-    assert_eq!(f.state("web"), "unprotected");
-
     // The agent stops: missed heartbeats disconnect the host, and work is refused by name.
     let _ = agent.kill();
     let _ = agent.wait();
@@ -207,4 +202,263 @@ fn agent_endpoints_take_only_their_own_hosts_agent_token() {
         Value::Null
     );
     assert_eq!(f.json(&["host", "show", "h1"])["agent"]["connected"], true);
+}
+
+/// Two sites, one agent host each (each agent in its own namespace, blind to the server's
+/// home), a store both agents reach: the whole lifecycle through `ferry serve`.
+struct AgentSites {
+    f: Ferry,
+    agents: Vec<(String, String, std::path::PathBuf, Child)>,
+    _roots: Vec<tempfile::TempDir>,
+    _store: Option<tempfile::TempDir>,
+}
+
+impl AgentSites {
+    /// `store`: a store URL, or None for a folder outside the server's home.
+    fn start(store: Option<&str>) -> Option<AgentSites> {
+        if !can_unshare() {
+            eprintln!(
+                "note: agent test skipped: `unshare --mount` is not permitted here (needs root)"
+            );
+            return None;
+        }
+        let f = Ferry::served();
+        f.start_server_with(&[], &["--agent-timeout", "3s"]);
+        f.ok(&["init"]);
+        let dir = tempfile::tempdir().unwrap();
+        let url = match store {
+            Some(u) => u.to_string(),
+            None => format!("file://{}", dir.path().join("dr").display()),
+        };
+        f.ok(&["site", "add", "prim", "--role", "primary"]);
+        f.ok(&["site", "add", "dr", "--role", "recovery", "--store", &url]);
+        let mut me = AgentSites {
+            f,
+            agents: Vec::new(),
+            _roots: Vec::new(),
+            _store: Some(dir),
+        };
+        for (host, site) in [("h1", "prim"), ("r1", "dr")] {
+            me.f.ok(&[
+                "host", "add", host, "--site", site, "--driver", "dir", "--switch", "lan",
+                "--agent",
+            ]);
+            let token = me.f.json(&[
+                "token",
+                "new",
+                &format!("{host}-agent"),
+                "--role",
+                "agent",
+                "--host",
+                host,
+            ])["token"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let root = tempfile::tempdir().unwrap();
+            let child = start_agent(&me.f, host, &token, root.path());
+            me.agents.push((
+                host.into(),
+                token,
+                root.path().canonicalize().unwrap(),
+                child,
+            ));
+            me._roots.push(root);
+        }
+        for (host, ..) in &me.agents {
+            wait_agent(&me.f, host, true);
+        }
+        Some(me)
+    }
+
+    fn kill(&mut self, host: &str) {
+        let a = self.agents.iter_mut().find(|a| a.0 == host).unwrap();
+        let _ = a.3.kill();
+        let _ = a.3.wait();
+    }
+
+    fn restart(&mut self, host: &str) {
+        let a = self.agents.iter_mut().find(|a| a.0 == host).unwrap();
+        a.3 = start_agent(&self.f, host, &a.1, &a.2);
+        wait_agent(&self.f, host, true);
+    }
+
+    fn root(&self, host: &str) -> std::path::PathBuf {
+        self.agents.iter().find(|a| a.0 == host).unwrap().2.clone()
+    }
+}
+
+impl Drop for AgentSites {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.3.kill();
+            let _ = a.3.wait();
+        }
+    }
+}
+
+fn lifecycle_through_agents(store: Option<&str>) {
+    let Some(s) = AgentSites::start(store) else {
+        return;
+    };
+    let f = &s.f;
+    let v = f.json(&[
+        "vm", "create", "app", "--host", "h1", "--disk", "6MiB", "--disk", "3MiB", "--switch",
+        "lan",
+    ]);
+    let prim = vec![disk_path_of(&v, 0), disk_path_of(&v, 1)];
+    assert!(prim[0].starts_with(s.root("h1")), "{v}");
+    write_random(&prim[0], 0, 5 * MIB, 701);
+    write_random(&prim[1], MIB, MIB, 702);
+    f.ok(&["vm", "start", "app"]);
+    let p = f.json(&["protect", "app", "--to", "dr"]);
+    assert_job_state(&p, "succeeded");
+    assert!(
+        job_u64(&p, "bytes_read") >= 6 * MIB,
+        "the agent read the disks: {p}"
+    );
+    assert!(job_u64(&p, "bytes_transferred") >= 5 * MIB, "{p}");
+    write_random(&prim[0], MIB, 256 * KIB, 703);
+    let rep = f.json(&["replicate", "app"]);
+    assert_job_state(&rep, "succeeded");
+    assert!(
+        job_u64(&rep, "bytes_transferred") <= 400 * KIB,
+        "only changes travel: {rep}"
+    );
+    assert_eq!(f.points("app").len(), 2);
+    assert_job_state(&f.json(&["failover", "app", "--planned"]), "succeeded");
+    assert_eq!(f.power("app", Some("r1")), "running");
+    assert_eq!(f.power("app", Some("h1")), "stopped");
+    let rec = f.disk_paths("app", "r1");
+    assert!(rec[0].starts_with(s.root("r1")), "{rec:?}");
+    assert_all_identical(&prim, &rec);
+    f.ok(&["commit", "app"]);
+    // The recovery VM writes; a delta failback moves only that, in two phases.
+    write_random(&rec[0], 2 * MIB, 512 * KIB, 704);
+    let dry = f.json(&["failback", "app", "--dry-run"]);
+    assert!(
+        dry["bytes_to_move"].as_u64().unwrap() <= 600 * KIB
+            && dry["bytes_to_move"].as_u64().unwrap() >= 512 * KIB,
+        "the dry run through agents predicts the delta: {dry}"
+    );
+    let p1 = f.json(&["failback", "app"]);
+    assert_job_state(&p1, "waiting");
+    write_random(&rec[1], 0, 64 * KIB, 705);
+    let done = f.json(&["complete", "app", "--verify"]);
+    assert_job_state(&done, "succeeded");
+    let moved = job_u64(&done, "bytes_transferred");
+    assert!(
+        (512 * KIB..=800 * KIB).contains(&moved),
+        "phase 1 and 2 moved the delta only: {done}"
+    );
+    assert_eq!(f.power("app", Some("h1")), "running");
+    assert_all_identical(&prim, &rec);
+    f.ok(&["commit", "app"]);
+    assert!(f
+        .json(&["vm", "list", "--host", "r1"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    write_random(&prim[0], 3 * MIB, 128 * KIB, 706);
+    let rr = f.json(&["reverse-replicate", "app"]);
+    assert_job_state(&rr, "succeeded");
+    assert!(job_u64(&rr, "bytes_transferred") <= 300 * KIB, "{rr}");
+    let ver = f.json(&["verify", "app"]);
+    assert_eq!(ver["ok"], true, "{ver}");
+    // The control plane never held a disk block: no disk, map journal or store under its home
+    // holds VM data.
+    let stores = f.home().join("stores");
+    assert!(
+        !stores.exists() || std::fs::read_dir(&stores).unwrap().next().is_none(),
+        "the server's home holds a store"
+    );
+}
+
+#[test]
+fn the_whole_lifecycle_runs_through_one_agent_per_site() {
+    lifecycle_through_agents(None);
+}
+
+#[test]
+fn the_whole_lifecycle_runs_through_agents_on_azurite() {
+    if std::env::var("FERRY_TEST_AZURE").as_deref() != Ok("1") {
+        println!(
+            "skipped: set FERRY_TEST_AZURE=1 (with Azurite running: scripts/services.sh start)"
+        );
+        return;
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    lifecycle_through_agents(Some(&format!(
+        "az://ferry-agents-{}-{t}",
+        std::process::id()
+    )));
+}
+
+#[test]
+fn an_agent_killed_mid_transfer_resumes_its_work_and_the_disks_end_identical() {
+    let Some(mut s) = AgentSites::start(None) else {
+        return;
+    };
+    let v = s.f.json(&[
+        "vm", "create", "app", "--host", "h1", "--disk", "40MiB", "--switch", "lan",
+    ]);
+    let prim = vec![disk_path_of(&v, 0)];
+    write_random(&prim[0], 0, 2 * MIB, 711);
+    s.f.ok(&["protect", "app", "--to", "dr"]);
+    assert_job_state(&s.f.json(&["failover", "app", "--planned"]), "succeeded");
+    s.f.ok(&["commit", "app"]);
+    let rec = s.f.disk_paths("app", "r1");
+    write_random(&rec[0], 4 * MIB, 32 * MIB, 712);
+    // The primary's agent writes at 4 MiB/s in batches of 2 threads x 2 groups of 4 MiB:
+    // killed once its first batch is durable, mid-way through the 32 MiB.
+    let child = s.f.spawn(&[
+        "--json",
+        "failback",
+        "app",
+        "--auto-complete",
+        "--bandwidth",
+        "4MiB/s",
+        "--threads",
+        "2",
+    ]);
+    s.f.wait_status("app", Duration::from_secs(60), "16 MiB written", |st| {
+        st["job"]["bytes_written"].as_u64().unwrap_or(0) >= 16 * MIB
+    });
+    s.kill("h1");
+    // The job waits for the agent, and says so.
+    s.f.wait_status(
+        "app",
+        Duration::from_secs(30),
+        "a note that the job waits",
+        |st| {
+            st["job"]["notes"].as_array().is_some_and(|n| {
+                n.iter()
+                    .any(|n| n.as_str().unwrap_or("").contains("waiting for agent h1"))
+            })
+        },
+    );
+    let before = s.f.status("app")["job"]["bytes_written"].as_u64().unwrap();
+    assert!(before < 32 * MIB, "killed mid-transfer: {before}");
+    s.restart("h1");
+    let out = wait_output(child, Duration::from_secs(120), "failback");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = parse_one_json(&String::from_utf8_lossy(&out.stdout), &["failback"]);
+    assert_job_state(&job, "succeeded");
+    assert_all_identical(&prim, &rec);
+    // What the killed agent had made durable was not sent again (its journal): at most the
+    // batch in flight was.
+    let moved = job_u64(&job, "bytes_transferred");
+    assert!(moved >= 32 * MIB, "{job}");
+    assert!(
+        moved <= 32 * MIB + 17 * MIB,
+        "re-sent more than a batch: {job}"
+    );
+    assert_eq!(s.f.state("app"), "failback_commit_pending");
 }

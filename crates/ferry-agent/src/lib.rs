@@ -12,7 +12,7 @@ use ferry_api::{AgentHello, AgentOp, AgentResult, AgentTask, AgentWelcome, Error
 use ferry_hypervisor::{Hypervisor, VmSpec};
 use ferry_model::{DriverKind, Host};
 
-/// How often an agent says it is alive.
+/// How often an agent says it is alive (more often when the control plane's timeout is short).
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// What `ferry agent` runs with.
@@ -40,8 +40,25 @@ fn hello(o: &AgentOpts) -> AgentHello {
         version: env!("CARGO_PKG_VERSION").into(),
         driver: o.driver,
         root: o.root.display().to_string(),
+        session: Some(session().into()),
     }
 }
+
+/// This process's session id: a restarted agent is a new session, to which the control
+/// plane hands again the tasks the old process took and never answered.
+fn session() -> &'static str {
+    static S: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!("{}-{t:x}", std::process::id())
+    })
+}
+
+/// How often a running data operation reports its progress.
+pub const PROGRESS: Duration = Duration::from_secs(1);
 
 /// Runs the agent until the process is stopped. Fails at once when the server refuses it
 /// (wrong token, unknown host, other driver); waits and retries while it cannot be reached.
@@ -75,9 +92,16 @@ pub fn run(o: AgentOpts) -> Result<()> {
     );
     std::io::stdout().flush().ok();
     {
+        // Three heartbeats within the control plane's timeout: one lost request never
+        // disconnects the host.
+        let every = HEARTBEAT
+            .min(Duration::from_millis(
+                welcome.timeout_s.saturating_mul(1000) / 3,
+            ))
+            .max(Duration::from_millis(200));
         let (client, o) = (client.clone(), o.clone());
         std::thread::spawn(move || loop {
-            std::thread::sleep(HEARTBEAT);
+            std::thread::sleep(every);
             if let Err(e) = client.post::<_, AgentWelcome>("/v1/agent/heartbeat", &hello(&o)) {
                 tracing::warn!("agent: heartbeat: {e}");
             }
@@ -90,7 +114,10 @@ pub fn run(o: AgentOpts) -> Result<()> {
                 let (client, o) = (client.clone(), o.clone());
                 std::thread::spawn(move || {
                     let id = task.id;
-                    let r = run_task(&o, task);
+                    let r = match &task.op {
+                        AgentOp::Data { .. } => run_data(&o, &client, task),
+                        _ => run_task(&o, task),
+                    };
                     let path = format!("/v1/agent/tasks/{id}?host={}", segment(&o.host));
                     if let Err(e) = client.post::<_, serde_json::Value>(&path, &r) {
                         tracing::warn!("agent: answering task {id}: {e}");
@@ -103,6 +130,125 @@ pub fn run(o: AgentOpts) -> Result<()> {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// VMs whose data an operation of this process is moving (one operation per VM at a time:
+/// a task handed out again after a control-plane restart waits for the old one to stop).
+static BUSY: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Runs a data operation (capture, apply, restore, scan) on this machine, reporting progress
+/// to the control plane every second and stopping when it says so.
+pub fn run_data(o: &AgentOpts, client: &Client, task: AgentTask) -> AgentResult {
+    let fail = |e: String| AgentResult {
+        ok: None,
+        error: Some(e),
+    };
+    let AgentOp::Data {
+        request,
+        threads,
+        bandwidth,
+    } = &task.op
+    else {
+        return fail("internal: not a data operation".into());
+    };
+    let req: ferry_engine::data::DataReq = match serde_json::from_value(request.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(format!(
+                "host {}: this agent cannot read the control plane's request ({e}); run the same ferry version on both",
+                o.host
+            ))
+        }
+    };
+    let vm = req.vm().to_string();
+    let ctx = ferry_engine::JobCtx::new(*threads, *bandwidth);
+    let counters = |ctx: &ferry_engine::JobCtx| {
+        let (read, transferred, written, step_done) = ctx.counters();
+        ferry_api::AgentCounters {
+            read,
+            transferred,
+            written,
+            step_done,
+        }
+    };
+    {
+        let mut busy = BUSY.lock().unwrap();
+        while busy.contains(&vm) {
+            busy = FREED.wait(busy).unwrap();
+        }
+        busy.push(vm.clone());
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let notes = std::sync::Mutex::new(Vec::<String>::new());
+    let host = Host {
+        root: o.root.clone(),
+        agent: false,
+        ..task.host.clone()
+    };
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            let path = format!(
+                "/v1/agent/tasks/{}/progress?host={}",
+                task.id,
+                segment(&o.host)
+            );
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(PROGRESS);
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                match client.post::<_, ferry_api::AgentProgressReply>(&path, &counters(&ctx)) {
+                    Ok(r) if r.cancel => {
+                        tracing::info!("agent: task {} stopped by the control plane", task.id);
+                        ctx.cancel();
+                    }
+                    Err(e) if e.kind != ErrorKind::Unreachable => {
+                        tracing::info!("agent: task {}: {e}; stopping it", task.id);
+                        ctx.cancel();
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let r = (|| -> Result<serde_json::Value> {
+            let key = o
+                .key
+                .as_deref()
+                .map(ferry_store::crypto::Key::load)
+                .transpose()?;
+            let driver = ferry_hypervisor::connect(&host)?;
+            let note = |m: String| notes.lock().unwrap().push(m);
+            let env = ferry_engine::data::Env {
+                ctx: &ctx,
+                note: &note,
+                driver: driver.as_ref(),
+                journals: o.root.join(".ferry").join("journal"),
+            };
+            ferry_engine::data::run(&env, key.as_ref(), &req)
+        })();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    {
+        let mut busy = BUSY.lock().unwrap();
+        busy.retain(|v| *v != vm);
+        FREED.notify_all();
+    }
+    match r {
+        Ok(out) => {
+            let reply = ferry_api::AgentDataReply {
+                out,
+                notes: notes.into_inner().unwrap(),
+                counters: counters(&ctx),
+            };
+            AgentResult {
+                ok: Some(serde_json::to_value(reply).unwrap_or_default()),
+                error: None,
+            }
+        }
+        Err(e) => fail(format!("{e:#}")),
     }
 }
 
@@ -174,6 +320,10 @@ pub fn execute(driver: &dyn Hypervisor, op: &AgentOp) -> AgentResult {
         } => ok(driver.set_disk_consistent(name, *index, *consistent)),
         AgentOp::DiskStamp { name, index } => ok(driver.disk_stamp(name, *index)),
         AgentOp::MarkDisks { name } => ok(driver.mark_disks(name)),
+        AgentOp::Data { .. } => AgentResult {
+            ok: None,
+            error: Some("internal: data operations run through run_data".into()),
+        },
     }
 }
 

@@ -99,6 +99,10 @@ pub struct AgentHello {
     pub driver: ferry_model::DriverKind,
     /// Its `--root` folder.
     pub root: String,
+    /// Changes each time the agent process starts (tasks handed to an earlier process are
+    /// handed out again).
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 /// The control plane's answer to a heartbeat.
@@ -183,6 +187,52 @@ pub enum AgentOp {
         /// VM name.
         name: String,
     },
+    /// Move disk data between this host's disks and the store (capture, apply, restore,
+    /// scan: see docs/agents.md); answers an [`AgentDataReply`]. Progress goes to
+    /// `POST /v1/agent/tasks/{id}/progress` while it runs.
+    Data {
+        /// The operation (`{"capture"|"apply"|"restore"|"scan": {…}}`) with its maps.
+        #[schema(value_type = Object)]
+        request: serde_json::Value,
+        /// Hash/compress worker threads.
+        threads: usize,
+        /// Cap on bytes per second crossing between the sites.
+        bandwidth: Option<u64>,
+    },
+}
+
+/// Byte counters of a data operation so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCounters {
+    /// Bytes read from disks.
+    pub read: u64,
+    /// Bytes that crossed between the sites.
+    pub transferred: u64,
+    /// Bytes written to disks.
+    pub written: u64,
+    /// Progress of the step (bytes).
+    pub step_done: u64,
+}
+
+/// The control plane's answer to a progress report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AgentProgressReply {
+    /// Stop the operation (the job was cancelled, or nobody waits for it any more).
+    pub cancel: bool,
+}
+
+/// What a data operation answers (inside [`AgentResult`]'s `ok`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentDataReply {
+    /// The operation's result.
+    #[schema(value_type = Object)]
+    pub out: serde_json::Value,
+    /// Notes for the job.
+    pub notes: Vec<String>,
+    /// Final counters.
+    pub counters: AgentCounters,
 }
 
 /// An agent's answer to a task: `ok` with the result, or `error` with the message.

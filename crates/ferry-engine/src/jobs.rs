@@ -83,6 +83,30 @@ impl JobCtx {
         }
     }
 
+    /// The cap on transferred bytes per second, if any.
+    pub fn bandwidth(&self) -> Option<u64> {
+        self.bandwidth
+    }
+
+    /// Counters so far: bytes read, transferred, written, and the step's progress not yet
+    /// reported (as `(read, transferred, written, step_done)`).
+    pub fn counters(&self) -> (u64, u64, u64, u64) {
+        (
+            self.read.load(Ordering::Relaxed),
+            self.transferred.load(Ordering::Relaxed),
+            self.written.load(Ordering::Relaxed),
+            self.step_done.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds counters that another process (an agent) measured; its own cap already applied.
+    pub fn add_remote(&self, read: u64, transferred: u64, written: u64, step_done: u64) {
+        self.read.fetch_add(read, Ordering::Relaxed);
+        self.transferred.fetch_add(transferred, Ordering::Relaxed);
+        self.written.fetch_add(written, Ordering::Relaxed);
+        self.step_done.fetch_add(step_done, Ordering::Relaxed);
+    }
+
     /// Asks the workers to stop.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
@@ -228,6 +252,14 @@ impl JobRun {
         j.steps[i].bytes_total = total;
         j.steps[i].bytes_done = 0;
         *self.current_step.lock().unwrap() = Some(i);
+    }
+
+    /// Adds `n` bytes to the running step's total (work found while it runs, e.g. the writes
+    /// that follow a capture).
+    pub fn add_step_total(&self, n: u64) {
+        if let Some(i) = *self.current_step.lock().unwrap() {
+            self.shared.lock().unwrap().steps[i].bytes_total += n;
+        }
     }
 
     /// Marks the running step succeeded.

@@ -15,6 +15,7 @@ use ferry_store::Store;
 use ferry_vault::Vault;
 use serde::{Deserialize, Serialize};
 
+pub mod data;
 pub mod jobs;
 pub mod pipeline;
 pub mod plans;
@@ -141,6 +142,17 @@ type Unreachable = Vec<String>;
 pub trait RemoteHosts: Send + Sync {
     /// The driver of agent host `host`, forwarding each call to its agent.
     fn driver(&self, host: &Host) -> Result<Box<dyn Hypervisor>>;
+
+    /// Runs a data operation on agent host `host` and answers its result (JSON of the
+    /// operation's output). Progress reaches `ctx` while it runs, notes reach `note`; while
+    /// the agent is away the call waits for it (and says so), unless the job is cancelled.
+    fn data(
+        &self,
+        host: &Host,
+        req: &data::DataReq,
+        ctx: &JobCtx,
+        note: &(dyn Fn(String) + Sync),
+    ) -> Result<serde_json::Value>;
 }
 
 /// Receives one-line notes for the operator (e.g. the failback recommendation).

@@ -13,6 +13,8 @@ use crate::jobs::{Cancelled, JobCtx};
 
 /// Blocks fetched from the store per request group when restoring (coalesced ranged reads).
 const RESTORE_GROUP: usize = 512;
+/// Most bytes of blocks fetched together when applying maps.
+const APPLY_GROUP_BYTES: u64 = 4 << 20;
 /// Reader threads of a pass that reads scattered blocks (change tracking).
 const READERS_SPARSE: usize = 8;
 /// Most writes of one batch in flight at once.
@@ -671,11 +673,7 @@ fn write_batch(
                     s.spawn(move || ops.iter().skip(w).step_by(writers).try_for_each(run_op))
                 })
                 .collect();
-            for h in handles {
-                h.join()
-                    .map_err(|_| anyhow!("internal: a disk writer panicked"))??;
-            }
-            Ok(())
+            join_writers(handles)
         })?;
     }
     for &(pi, k, n) in &runs {
@@ -797,6 +795,145 @@ pub fn restore(
         dev.flush()?;
         Ok(())
     })
+}
+
+/// Waits for every disk writer of a scope; the first error (or panic) is the answer.
+fn join_writers(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow!("internal: a disk writer panicked"))??;
+    }
+    Ok(())
+}
+
+/// One group of blocks to apply: zero blocks (written as zeroes) or blocks fetched together.
+struct ApplyGroup {
+    zero: bool,
+    blocks: Vec<u64>,
+}
+
+/// Writes onto `dev` every block where `source` differs from `target` (what the disk holds as
+/// far as known; `UNKNOWN` always differs): zero blocks as zeroes, the others fetched from the
+/// store and checked against their hashes. Journaled: a durable intent before blocks of known
+/// content are overwritten, done records synced after each batch, so a crash leaves `target`
+/// plus the journal exact. The store's frames count as transferred. Returns blocks and bytes
+/// written.
+pub fn apply(
+    ctx: &JobCtx,
+    store: &Arc<Store>,
+    source: &BlockMap,
+    target: &BlockMap,
+    dev: &dyn BlockDevice,
+    journal: &mut MapJournal,
+    label: &str,
+) -> Result<(u64, u64)> {
+    anyhow::ensure!(
+        source.len() == target.len() && source.block_size == target.block_size,
+        "internal: {label}: the source map does not fit the disk"
+    );
+    // Groups of at most APPLY_GROUP_BYTES: a batch (and what a crash can make ferry re-send)
+    // stays a few of them.
+    let per_group =
+        ((APPLY_GROUP_BYTES / source.block_size.max(1)) as usize).clamp(1, RESTORE_GROUP);
+    let mut groups: Vec<ApplyGroup> = Vec::new();
+    let mut last_pack = None;
+    for i in 0..source.len() as u64 {
+        let (s, t) = (source.hashes[i as usize], target.hashes[i as usize]);
+        if s == t && t != ferry_blocks::UNKNOWN {
+            continue;
+        }
+        anyhow::ensure!(
+            s != ferry_blocks::UNKNOWN,
+            "internal: {label}: block {i} of the source is unknown"
+        );
+        let zero = s == ZERO;
+        let pack = if zero {
+            None
+        } else {
+            store.locate(&s).map(|l| l.pack)
+        };
+        match groups.last_mut() {
+            Some(g)
+                if g.zero == zero && (zero || pack == last_pack) && g.blocks.len() < per_group =>
+            {
+                g.blocks.push(i)
+            }
+            _ => groups.push(ApplyGroup {
+                zero,
+                blocks: vec![i],
+            }),
+        }
+        last_pack = pack;
+    }
+    let (mut blocks, mut bytes) = (0u64, 0u64);
+    let threads = ctx.threads.max(store.upload_parallelism()).max(1);
+    for batch in groups.chunks(threads * 2) {
+        if ctx.is_cancelled() {
+            return Err(Cancelled.into());
+        }
+        let mut all: Vec<u64> = batch
+            .iter()
+            .flat_map(|g| g.blocks.iter().copied())
+            .collect();
+        all.sort_unstable();
+        let runs = |pred: &dyn Fn(u64) -> bool| {
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            for &i in all.iter().filter(|&&i| pred(i)) {
+                match out.last_mut() {
+                    Some((s, n)) if *s + *n == i => *n += 1,
+                    _ => out.push((i, 1)),
+                }
+            }
+            out
+        };
+        journal.intents(&runs(&|i| {
+            target.hashes[i as usize] != ferry_blocks::UNKNOWN
+        }))?;
+        std::thread::scope(|s| -> Result<()> {
+            let handles: Vec<_> = (0..threads.min(batch.len()))
+                .map(|w| {
+                    s.spawn(move || -> Result<()> {
+                        for g in batch.iter().skip(w).step_by(threads) {
+                            if g.zero {
+                                for &i in &g.blocks {
+                                    let r = source.block_range(i);
+                                    dev.write_zeroes(r.start, r.end - r.start)?;
+                                    ctx.add_written(r.end - r.start);
+                                    ctx.add_step_done(r.end - r.start);
+                                }
+                                continue;
+                            }
+                            for &i in &g.blocks {
+                                let h = &source.hashes[i as usize];
+                                ctx.add_transferred(store.locate(h).map_or(0, |l| l.len as u64));
+                            }
+                            restore_group(ctx, store, source, dev, &g.blocks).map_err(|e| {
+                                e.context(format!("{label}, blocks from {}", g.blocks[0]))
+                            })?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            join_writers(handles)
+        })?;
+        dev.flush()?;
+        let done: Vec<(u64, Vec<Hash>)> = runs(&|_| true)
+            .into_iter()
+            .map(|(s, n)| (s, source.hashes[s as usize..(s + n) as usize].to_vec()))
+            .collect();
+        journal.done_many(&done)?;
+        journal.sync()?;
+        blocks += all.len() as u64;
+        bytes += all
+            .iter()
+            .map(|&i| {
+                let r = source.block_range(i);
+                r.end - r.start
+            })
+            .sum::<u64>();
+    }
+    Ok((blocks, bytes))
 }
 
 #[cfg(test)]

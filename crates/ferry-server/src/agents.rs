@@ -2,12 +2,14 @@
 //! for it) and takes back the results, and [`AgentDriver`], the [`Hypervisor`] of an agent
 //! host, which forwards each call to its agent. The control plane reaches no host itself:
 //! agents connect to it, so neither site ever needs to reach the other.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_api::{AgentOp, AgentResult, AgentTask, AgentView};
+use ferry_api::{
+    AgentCounters, AgentDataReply, AgentOp, AgentProgressReply, AgentResult, AgentTask, AgentView,
+};
 use ferry_blocks::{BlockDevice, DiskStamp};
 use ferry_hypervisor::{ChangeMark, DiskView, HvError, Hypervisor, VmInfo, VmSpec};
 use ferry_model::Host;
@@ -37,11 +39,25 @@ pub struct Hub {
     pub timeout: Duration,
 }
 
+/// What reaches a caller waiting for its task.
+enum Msg {
+    Progress(AgentCounters),
+    /// The agent restarted and was handed the task again: its counters start over.
+    Restarted,
+    Done(AgentResult),
+}
+
 #[derive(Default)]
 struct Inner {
     next: u64,
     queues: HashMap<String, VecDeque<AgentTask>>,
-    waiting: HashMap<u64, (String, mpsc::Sender<AgentResult>)>,
+    waiting: HashMap<u64, (String, mpsc::Sender<Msg>)>,
+    /// Tasks an agent took and has not answered yet.
+    taken: HashMap<u64, AgentTask>,
+    /// Each agent host's current process.
+    sessions: HashMap<String, String>,
+    /// Tasks whose caller asked them to stop.
+    cancelled: HashSet<u64>,
 }
 
 impl Hub {
@@ -90,9 +106,8 @@ impl Hub {
         })
     }
 
-    /// Hands `op` to the agent of `host` and waits for its answer (blocking).
-    pub fn call(&self, host: &Host, op: AgentOp) -> Result<serde_json::Value, HvError> {
-        self.check(&host.name)?;
+    /// Queues `op` for `host`'s agent; the receiver gets its progress and answer.
+    fn submit(&self, host: &Host, op: AgentOp) -> (u64, mpsc::Receiver<Msg>) {
         let (tx, rx) = mpsc::channel();
         let id = {
             let mut g = self.inner.lock().unwrap();
@@ -110,20 +125,154 @@ impl Hub {
             id
         };
         self.wake.notify_waiters();
-        let r = rx.recv_timeout(CALL_TIMEOUT);
+        (id, rx)
+    }
+
+    /// Forgets task `id` (answered, or given up).
+    fn forget(&self, id: u64, host: &str) {
         let mut g = self.inner.lock().unwrap();
         g.waiting.remove(&id);
-        if let Some(q) = g.queues.get_mut(&host.name) {
+        g.taken.remove(&id);
+        g.cancelled.remove(&id);
+        if let Some(q) = g.queues.get_mut(host) {
             q.retain(|t| t.id != id);
         }
-        drop(g);
+    }
+
+    fn answer(r: AgentResult) -> Result<serde_json::Value, HvError> {
         match r {
-            Ok(AgentResult { error: Some(e), .. }) => Err(HvError::Invalid(e)),
-            Ok(AgentResult { ok, .. }) => Ok(ok.unwrap_or(serde_json::Value::Null)),
-            Err(_) => Err(HvError::Disconnected {
+            AgentResult { error: Some(e), .. } => Err(HvError::Invalid(e)),
+            AgentResult { ok, .. } => Ok(ok.unwrap_or(serde_json::Value::Null)),
+        }
+    }
+
+    /// Hands `op` to the agent of `host` and waits for its answer (blocking, at most
+    /// [`CALL_TIMEOUT`]).
+    pub fn call(&self, host: &Host, op: AgentOp) -> Result<serde_json::Value, HvError> {
+        self.check(&host.name)?;
+        let (id, rx) = self.submit(host, op);
+        let deadline = std::time::Instant::now() + CALL_TIMEOUT;
+        let r = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Progress(_) | Msg::Restarted) => continue,
+                Ok(Msg::Done(r)) => break Some(r),
+                Err(_) => break None,
+            }
+        };
+        self.forget(id, &host.name);
+        match r {
+            Some(r) => Self::answer(r),
+            None => Err(HvError::Disconnected {
                 host: host.name.clone(),
                 seen: format!("did not answer within {} s", CALL_TIMEOUT.as_secs()),
             }),
+        }
+    }
+
+    /// Hands a long-running `op` (a data operation) to `host`'s agent and waits for its
+    /// answer as long as it takes: progress goes to `progress`; while the agent is away the
+    /// call says so through `note` and waits for it to come back (a restarted agent is handed
+    /// the task again, and `restarted` runs); `cancelled` stops the wait (and the agent's work). `Ok(None)`: cancelled.
+    pub fn call_long(
+        &self,
+        host: &Host,
+        op: AgentOp,
+        progress: &mut dyn FnMut(AgentCounters),
+        restarted: &mut dyn FnMut(),
+        cancelled: &dyn Fn() -> bool,
+        note: &dyn Fn(String),
+    ) -> Result<Option<serde_json::Value>, HvError> {
+        self.check(&host.name)?;
+        let (id, rx) = self.submit(host, op);
+        let mut away = false;
+        let r = loop {
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(Msg::Progress(c)) => progress(c),
+                Ok(Msg::Restarted) => {
+                    restarted();
+                    note(format!(
+                        "the agent of host {} restarted; it continues the work where its journal says it stopped",
+                        host.name
+                    ));
+                }
+                Ok(Msg::Done(r)) => break Some(r),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let gone = self.check(&host.name);
+                    if cancelled() {
+                        self.inner.lock().unwrap().cancelled.insert(id);
+                        if gone.is_err() {
+                            break None;
+                        }
+                    }
+                    match gone {
+                        Err(e) if !away => {
+                            away = true;
+                            note(format!("waiting for agent {}: {e}", host.name));
+                        }
+                        Ok(()) if away => {
+                            away = false;
+                            note(format!("agent {} is back; continuing", host.name));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        };
+        self.forget(id, &host.name);
+        match r {
+            Some(r) => Self::answer(r).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a heartbeat of `host`'s agent process `session`: when it is a new process,
+    /// the tasks the old one took and never answered are handed out again.
+    pub fn heartbeat(&self, host: &str, session: Option<&str>) {
+        let Some(session) = session else { return };
+        let mut g = self.inner.lock().unwrap();
+        let old = g.sessions.insert(host.into(), session.into());
+        if old.is_none() || old.as_deref() == Some(session) {
+            return;
+        }
+        let mut lost: Vec<AgentTask> = g
+            .taken
+            .values()
+            .filter(|t| t.host.name == host)
+            .cloned()
+            .collect();
+        lost.sort_by_key(|t| t.id);
+        for t in &lost {
+            g.taken.remove(&t.id);
+            if let Some((_, tx)) = g.waiting.get(&t.id) {
+                let _ = tx.send(Msg::Restarted);
+            }
+        }
+        let q = g.queues.entry(host.into()).or_default();
+        for t in lost.into_iter().rev() {
+            tracing::info!(
+                "agent of host {host} restarted: handing task {} to it again",
+                t.id
+            );
+            q.push_front(t);
+        }
+        drop(g);
+        self.wake.notify_waiters();
+    }
+
+    /// A progress report of `host`'s agent for task `id`: whether it should stop (also when
+    /// nobody waits for the task any more, e.g. after the control plane restarted).
+    pub fn progress(&self, id: u64, host: &str, c: AgentCounters) -> AgentProgressReply {
+        let g = self.inner.lock().unwrap();
+        match g.waiting.get(&id) {
+            Some((h, tx)) if h == host => {
+                let _ = tx.send(Msg::Progress(c));
+                AgentProgressReply {
+                    cancel: g.cancelled.contains(&id),
+                }
+            }
+            _ => AgentProgressReply { cancel: true },
         }
     }
 
@@ -134,15 +283,12 @@ impl Hub {
             let woken = self.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            if let Some(t) = self
-                .inner
-                .lock()
-                .unwrap()
-                .queues
-                .get_mut(host)
-                .and_then(|q| q.pop_front())
             {
-                return Some(t);
+                let mut g = self.inner.lock().unwrap();
+                if let Some(t) = g.queues.get_mut(host).and_then(|q| q.pop_front()) {
+                    g.taken.insert(t.id, t.clone());
+                    return Some(t);
+                }
             }
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
                 return None;
@@ -159,7 +305,8 @@ impl Hub {
             _ => return false,
         }
         let (_, tx) = g.waiting.remove(&id).expect("checked");
-        tx.send(r).is_ok()
+        g.taken.remove(&id);
+        tx.send(Msg::Done(r)).is_ok()
     }
 }
 
@@ -273,6 +420,62 @@ impl ferry_engine::RemoteHosts for Remote {
             host: host.clone(),
             hub: self.0.clone(),
         }))
+    }
+
+    fn data(
+        &self,
+        host: &Host,
+        req: &ferry_engine::data::DataReq,
+        ctx: &ferry_engine::JobCtx,
+        note: &(dyn Fn(String) + Sync),
+    ) -> anyhow::Result<serde_json::Value> {
+        let op = AgentOp::Data {
+            request: serde_json::to_value(req)?,
+            threads: ctx.threads,
+            bandwidth: ctx.bandwidth(),
+        };
+        // Agents report totals; the job counts what is new since the last report.
+        let seen = std::cell::Cell::new(AgentCounters::default());
+        let count = |c: AgentCounters| {
+            let s = seen.get();
+            ctx.add_remote(
+                c.read.saturating_sub(s.read),
+                c.transferred.saturating_sub(s.transferred),
+                c.written.saturating_sub(s.written),
+                c.step_done.saturating_sub(s.step_done),
+            );
+            seen.set(AgentCounters {
+                read: s.read.max(c.read),
+                transferred: s.transferred.max(c.transferred),
+                written: s.written.max(c.written),
+                step_done: s.step_done.max(c.step_done),
+            });
+        };
+        let r = self.0.call_long(
+            host,
+            op,
+            &mut |c| count(c),
+            &mut || seen.set(AgentCounters::default()),
+            &|| ctx.is_cancelled(),
+            note,
+        );
+        let v = match r {
+            Ok(Some(v)) => v,
+            Ok(None) => return Err(ferry_engine::Cancelled.into()),
+            Err(_) if ctx.is_cancelled() => return Err(ferry_engine::Cancelled.into()),
+            Err(e) => return Err(e.into()),
+        };
+        let reply: AgentDataReply = serde_json::from_value(v).map_err(|e| {
+            anyhow::anyhow!(
+                "host {}: its agent answered in a form this control plane cannot read ({e}); run the same ferry version on both",
+                host.name
+            )
+        })?;
+        count(reply.counters);
+        for n in reply.notes {
+            note(n);
+        }
+        Ok(reply.out)
     }
 }
 

@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 /// Largest request body the server reads (every request is small metadata).
 pub const BODY_LIMIT: usize = 1 << 20;
+/// Largest answer an agent may send (block maps travel in them: 64 B of hex per block).
+pub const AGENT_RESULT_LIMIT: usize = 256 << 20;
 
 /// State shared by the handlers.
 #[derive(Clone)]
@@ -622,6 +624,7 @@ async fn agent_heartbeat(
         if host.driver != req.driver {
             return Err(ApiError::refused(format!("host {name} is declared with driver {}, and this agent runs {}; start it with --driver {}", host.driver.as_str(), req.driver.as_str(), host.driver.as_str())));
         }
+        s.hub.heartbeat(name, req.session.as_deref());
         let first = v.agent(name).ok().flatten().is_none();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
         v.agent_seen(name, &ferry_vault::AgentInfo { last_seen: now, version: req.version.clone(), driver: req.driver.as_str().into(), root: req.root.clone() })
@@ -672,6 +675,22 @@ async fn agent_result(
     .await
 }
 
+/// An agent's progress report on task `id` (a data operation): totals so far. The answer
+/// says whether to stop.
+#[utoipa::path(post, path = "/v1/agent/tasks/{id}/progress", tag = "agents", params(("id" = u64, Path, description = "task id"), AgentQuery), request_body = AgentCounters, responses((status = 200, body = AgentProgressReply), (status = "4XX", body = ApiError)), security(("token" = [])))]
+async fn agent_progress(
+    State(s): State<Srv>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Query(q): Query<AgentQuery>,
+    Body(c): Body<AgentCounters>,
+) -> Reply<AgentProgressReply> {
+    s.call_agent(headers, q.host.clone(), move |s| {
+        Ok(s.hub.progress(id, &q.host, c))
+    })
+    .await
+}
+
 struct BearerAuth;
 
 impl utoipa::Modify for BearerAuth {
@@ -693,8 +712,8 @@ impl utoipa::Modify for BearerAuth {
     paths(info, sites, add_site, hosts, host, add_host, vms, vm, create_vm, power, points,
           protect, replicate, reverse_replicate, failover, failback, complete, cancel, commit, verify,
           statuses, status, jobs, job, job_events, create_plan, plan, run_plan,
-          tokens, token_new, token_revoke, agent_heartbeat, agent_task, agent_result),
-    components(schemas(ApiError, ErrorKind, Empty)),
+          tokens, token_new, token_revoke, agent_heartbeat, agent_task, agent_result, agent_progress),
+    components(schemas(ApiError, ErrorKind, Empty, AgentDataReply)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -773,7 +792,11 @@ pub fn router(srv: Srv) -> Router {
         .route("/v1/tokens/{name}", axum::routing::delete(token_revoke))
         .route("/v1/agent/heartbeat", post(agent_heartbeat))
         .route("/v1/agent/tasks", get(agent_task))
-        .route("/v1/agent/tasks/{id}", post(agent_result))
+        .route(
+            "/v1/agent/tasks/{id}",
+            post(agent_result).layer(DefaultBodyLimit::max(AGENT_RESULT_LIMIT)),
+        )
+        .route("/v1/agent/tasks/{id}/progress", post(agent_progress))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::from_fn(log_request))
@@ -816,6 +839,6 @@ mod tests {
                 "{p} missing from the OpenAPI document"
             );
         }
-        assert_eq!(paths.len(), 30, "{:?}", paths.keys().collect::<Vec<_>>());
+        assert_eq!(paths.len(), 31, "{:?}", paths.keys().collect::<Vec<_>>());
     }
 }

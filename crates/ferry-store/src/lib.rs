@@ -173,6 +173,11 @@ impl Store {
 
     /// Reads every pack index into memory, several at once (one request each: on a network
     /// store its latency, not its size, is the cost).
+    /// Reads the store's index again (blocks another process stored since it was opened).
+    pub fn refresh(&self) -> Result<()> {
+        self.load_index()
+    }
+
     fn load_index(&self) -> Result<()> {
         let metas: Vec<_> = self
             .rt

@@ -358,11 +358,7 @@ impl Engine {
             .map(|p| p.marks.clone())
             .unwrap_or_default();
         let full = params.sync == Some(SyncMode::Full) && !params.full_reset;
-        let view = if full {
-            None
-        } else {
-            Some(td.peek_view(vm, &since)?)
-        };
+        let mut scans = Vec::new();
         for d in &tinfo.disks {
             let inconsistent_by_us = !d.consistent && known_host;
             let map = if known_host {
@@ -380,19 +376,29 @@ impl Engine {
                 )?;
             } else if map.is_some() && inconsistent_by_us {
                 // An interrupted sync of ours: its journal keeps the map exact.
-            } else if let Some(view) = &view {
-                let vd = view_disk(view, d.index)?;
-                let rescan = || run.begin_step("prepare primary VM", d.size);
-                if let Some(m) = self.rescan_changed(run, item, vd, map, &thost.name, rescan)? {
-                    self.save_map(vm, Copy::Primary, d.index, &m)?;
-                }
+            } else {
+                scans.push(data::ScanDisk {
+                    index: d.index,
+                    base: map.map(data::Map),
+                    target: None,
+                    skip_unchanged: true,
+                });
             }
         }
-        if let Some(v) = view {
-            // Its marks are not recorded: ferry writes these disks next, and tracking of the
-            // primary starts over once the failback completes.
-            if let Err(e) = v.close(false) {
-                run.note(format!("cleaning up the disk snapshot: {e}"));
+        if !scans.is_empty() {
+            // The view's marks are not recorded: ferry writes these disks next, and tracking
+            // of the primary starts over once the failback completes.
+            let total = tinfo
+                .disks
+                .iter()
+                .filter(|d| scans.iter().any(|s| s.index == d.index))
+                .map(|d| d.size)
+                .sum();
+            run.begin_step("prepare primary VM", total);
+            for (index, r) in self.scan_on(run, thost, item, since, scans)? {
+                if let Some(m) = r.map {
+                    self.save_map(vm, Copy::Primary, index, &m.0)?;
+                }
             }
         }
         for d in &tinfo.disks {
@@ -427,6 +433,18 @@ impl Engine {
         rinfo: &VmInfo,
         verify: bool,
     ) -> Result<Vec<BlockMap>> {
+        if td.host().agent || rd.host().agent {
+            return self.sync_via_store(
+                run,
+                vm,
+                block_size,
+                store,
+                td.host(),
+                rd.host(),
+                rinfo,
+                verify,
+            );
+        }
         let since = self
             .extra(vm)?
             .recovery
@@ -440,7 +458,7 @@ impl Engine {
             let base = self
                 .load_fitting_map(vm, Copy::Recovery, d.index, d.size, block_size)?
                 .map(Arc::new);
-            let ks = known_source(run, vd, base.as_ref(), verify, &rinfo.host);
+            let ks = known_source(&|m| run.note(m), vd, base.as_ref(), verify, &rinfo.host);
             let target = self
                 .load_map(vm, Copy::Primary, d.index)?
                 .unwrap_or_else(|| BlockMap::unknown(d.size, block_size));
@@ -460,7 +478,7 @@ impl Engine {
                 },
             )?;
             if verify {
-                check_tracking(run, vd, base.as_deref(), &r.map, &rinfo.host);
+                check_tracking(&|m| run.note(m), vd, base.as_deref(), &r.map, &rinfo.host);
             }
             maps.push(r.map);
         }
@@ -477,6 +495,101 @@ impl Engine {
         });
         self.set_extra(vm, &ex)?;
         close_view(run, view);
+        Ok(maps)
+    }
+
+    /// [`Engine::sync_disks`] when a side is served by an agent: the recovery host captures
+    /// its disks into the store (only what the store lacks moves), then the target host
+    /// writes every block that differs from what its disks hold, from the store (journaled on
+    /// that host). Blocks never pass through this process.
+    #[allow(clippy::too_many_arguments)]
+    fn sync_via_store(
+        &self,
+        run: &JobRun,
+        vm: &str,
+        block_size: u64,
+        store: &Arc<Store>,
+        thost: &Host,
+        rhost: &Host,
+        rinfo: &VmInfo,
+        verify: bool,
+    ) -> Result<Vec<BlockMap>> {
+        let item = self.item(vm)?;
+        let store_ref = self.store_ref(&item)?;
+        let since = self
+            .extra(vm)?
+            .recovery
+            .filter(|r| r.host == rinfo.host)
+            .map(|r| r.marks)
+            .unwrap_or_default();
+        let mut disks = Vec::new();
+        for d in &rinfo.disks {
+            let base = self.load_fitting_map(vm, Copy::Recovery, d.index, d.size, block_size)?;
+            disks.push(data::CaptureDisk {
+                index: d.index,
+                size: d.size,
+                base: base.map(data::Map),
+            });
+        }
+        let req = data::CaptureReq {
+            vm: vm.into(),
+            store: store_ref.clone(),
+            block_size,
+            since,
+            disks,
+            verify,
+            crosses_sites: false,
+        };
+        let out = self.on_host(
+            run,
+            rhost,
+            || data::DataReq::Capture(req.clone()),
+            |env| data::capture(env, store, &req),
+        )?;
+        drop(req);
+        if rhost.agent {
+            store.refresh()?;
+        }
+        let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
+        let mut adisks = Vec::new();
+        for (d, m) in rinfo.disks.iter().zip(&maps) {
+            let target = self
+                .load_map(vm, Copy::Primary, d.index)?
+                .filter(|t| t.size == d.size && t.block_size == block_size)
+                .unwrap_or_else(|| BlockMap::unknown(d.size, block_size));
+            adisks.push(data::ApplyDisk {
+                index: d.index,
+                source: data::Map(m.clone()),
+                target: data::Map(target),
+            });
+        }
+        // The step counted the capture's reads; the writes that follow add to it.
+        run.add_step_total(adisks.iter().map(|d| d.bytes_to_write()).sum());
+        let areq = data::ApplyReq {
+            vm: vm.into(),
+            store: store_ref,
+            disks: adisks,
+        };
+        self.on_host(
+            run,
+            thost,
+            || data::DataReq::Apply(areq.clone()),
+            |env| data::apply(env, store, &areq),
+        )?;
+        drop(areq);
+        // The target holds the maps now (its host's journal covered the writes until here).
+        for (d, m) in rinfo.disks.iter().zip(&maps) {
+            self.save_map(vm, Copy::Primary, d.index, m)?;
+        }
+        for (d, m) in rinfo.disks.iter().zip(&maps) {
+            self.save_map(vm, Copy::Recovery, d.index, m)?;
+        }
+        let mut ex = self.extra(vm)?;
+        ex.recovery = Some(CopyState {
+            host: rinfo.host.clone(),
+            marks: out.marks,
+        });
+        self.set_extra(vm, &ex)?;
         Ok(maps)
     }
 
@@ -535,25 +648,24 @@ impl Engine {
         run.end_step();
         // The failback point: what the primary now holds, complete in the store so reverse
         // replication sends only later changes.
-        self.fill_store(run, &store, rd, vm, &maps)?;
+        // (Through agents the recovery host's capture already stored every block.)
+        if !td.host().agent && !rd.host().agent {
+            self.fill_store(run, &store, rd, vm, &maps)?;
+        }
         if verify {
-            for (i, m) in maps.iter().enumerate() {
-                let dev = td.open_disk(vm, i as u32, false)?;
-                let check = pass(
-                    &run.ctx,
-                    PassSpec {
-                        src: dev.as_ref(),
-                        block_size: item.block_size,
-                        target: Arc::new(m.clone()),
-                        store: None,
-                        hasher: self.item_hasher(&item.vm)?,
-                        write: None,
-                        crosses_sites: false,
-                        known: None,
-                    },
-                )?;
-                if check.blocks_moved > 0 {
-                    bail!("verification failed: {} blocks of disk {i} on host {} differ from the recovery disk after the sync; re-run `ferry failback {vm}`", check.blocks_moved, thost.name);
+            let disks = maps
+                .iter()
+                .enumerate()
+                .map(|(i, m)| data::ScanDisk {
+                    index: i as u32,
+                    base: None,
+                    target: Some(data::Map(m.clone())),
+                    skip_unchanged: false,
+                })
+                .collect();
+            for (i, r) in self.scan_on(run, thost, &item, Vec::new(), disks)? {
+                if r.blocks_moved > 0 {
+                    bail!("verification failed: {} blocks of disk {i} on host {} differ from the recovery disk after the sync; re-run `ferry failback {vm}`", r.blocks_moved, thost.name);
                 }
             }
         }
@@ -597,41 +709,6 @@ impl Engine {
         }
         run.end_step();
         Ok(())
-    }
-
-    /// What a target disk holds now, given its map at its change mark (`map`): `None` when
-    /// change tracking proves the map still exact, else the map re-hashed from the view —
-    /// only the changed ranges when tracking knows them, every block otherwise. `on_rescan`
-    /// runs before any reading.
-    pub(super) fn rescan_changed(
-        &self,
-        run: &JobRun,
-        item: &ProtectedItem,
-        vd: &ViewDisk,
-        map: Option<BlockMap>,
-        host: &str,
-        on_rescan: impl FnOnce(),
-    ) -> Result<Option<BlockMap>> {
-        let size = vd.dev.size();
-        let ks = known_source(run, vd, map.map(Arc::new).as_ref(), false, host);
-        if ks.as_ref().is_some_and(|k| k.changed.is_empty()) {
-            return Ok(None);
-        }
-        on_rescan();
-        let scanned = pass(
-            &run.ctx,
-            PassSpec {
-                src: vd.dev.as_ref(),
-                block_size: item.block_size,
-                target: Arc::new(BlockMap::unknown(size, item.block_size)),
-                store: None,
-                hasher: self.item_hasher(&item.vm)?,
-                write: None,
-                crosses_sites: false,
-                known: ks,
-            },
-        )?;
-        Ok(Some(scanned.map))
     }
 
     /// Uploads blocks of `maps` that the store lacks, reading them from the stopped recovery VM.
@@ -701,8 +778,7 @@ impl Engine {
         };
         let run = JobRun::start(self.home.clone(), fake, ctx, None);
         let extra = self.extra(vm)?;
-        let td = self.driver(thost)?;
-        let rd = self.driver(&self.host(&rinfo.host)?)?;
+        let rhost = self.host(&rinfo.host)?;
         let known_host = extra.primary.as_ref().is_some_and(|p| p.host == thost.name);
         let tsince = extra
             .primary
@@ -710,71 +786,73 @@ impl Engine {
             .filter(|_| known_host)
             .map(|p| p.marks.clone())
             .unwrap_or_default();
-        let tview = match tinfo {
-            Some(_) => Some(td.peek_view(vm, &tsince)?),
-            None => None,
-        };
+        // What the target disks hold: maps journaled by an interrupted sync of ours, maps that
+        // change tracking proves current, or a scan.
+        let mut targets: Vec<Option<BlockMap>> = Vec::new();
+        let mut scans = Vec::new();
+        for d in &rinfo.disks {
+            let Some(t) = tinfo else {
+                targets.push(Some(BlockMap::zeros(d.size, item.block_size)));
+                continue;
+            };
+            let map = if known_host {
+                self.load_fitting_map(vm, Copy::Primary, d.index, d.size, item.block_size)?
+            } else {
+                None
+            };
+            let disk_consistent = t.disks.get(d.index as usize).is_some_and(|x| x.consistent);
+            match map {
+                Some(m) if !disk_consistent && known_host => targets.push(Some(m)),
+                map => {
+                    targets.push(map.clone());
+                    scans.push(data::ScanDisk {
+                        index: d.index,
+                        base: map.map(data::Map),
+                        target: None,
+                        skip_unchanged: true,
+                    });
+                }
+            }
+        }
+        if !scans.is_empty() {
+            for (index, r) in self.scan_on(&run, thost, item, tsince, scans)? {
+                if let Some(m) = r.map {
+                    targets[index as usize] = Some(m.0);
+                }
+            }
+        }
         let rsince = extra
             .recovery
             .as_ref()
             .filter(|r| r.host == rinfo.host)
             .map(|r| r.marks.clone())
             .unwrap_or_default();
-        let rview = rd.peek_view(vm, &rsince)?;
-        let mut disks = Vec::new();
-        for d in &rinfo.disks {
-            let target = match (tinfo, &tview) {
-                (Some(t), Some(tview)) => {
-                    let map = if known_host {
-                        self.load_fitting_map(vm, Copy::Primary, d.index, d.size, item.block_size)?
-                    } else {
-                        None
-                    };
-                    let disk_consistent =
-                        t.disks.get(d.index as usize).is_some_and(|x| x.consistent);
-                    let vd = view_disk(tview, d.index)?;
-                    match map {
-                        Some(m) if !disk_consistent && known_host => m,
-                        map => {
-                            let known = map.clone();
-                            self.rescan_changed(&run, item, vd, map, &thost.name, || {})?
-                                .or(known)
-                                .ok_or_else(|| anyhow!("internal: no map of disk {}", d.index))?
-                        }
-                    }
-                }
-                _ => BlockMap::zeros(d.size, item.block_size),
+        let mut rdisks = Vec::new();
+        for (d, target) in rinfo.disks.iter().zip(targets) {
+            let target = match (sync, target) {
+                (SyncMode::Full, _) => BlockMap::unknown(d.size, item.block_size),
+                (_, Some(t)) => t,
+                (_, None) => bail!("internal: no map of disk {}", d.index),
             };
-            let target = if sync == SyncMode::Full {
-                BlockMap::unknown(d.size, item.block_size)
-            } else {
-                target
-            };
-            let vd = view_disk(&rview, d.index)?;
-            let base = self
-                .load_fitting_map(vm, Copy::Recovery, d.index, d.size, item.block_size)?
-                .map(Arc::new);
-            let ks = known_source(&run, vd, base.as_ref(), false, &rinfo.host);
-            let r = pass(
-                &run.ctx,
-                PassSpec {
-                    src: vd.dev.as_ref(),
-                    block_size: item.block_size,
-                    target: Arc::new(target),
-                    store: None,
-                    hasher: self.item_hasher(&item.vm)?,
-                    write: None,
-                    crosses_sites: false,
-                    known: ks,
-                },
-            )?;
-            disks.push(DryRunDisk {
+            let base =
+                self.load_fitting_map(vm, Copy::Recovery, d.index, d.size, item.block_size)?;
+            rdisks.push(data::ScanDisk {
                 index: d.index,
-                blocks: r.map.len() as u64,
-                blocks_to_move: r.blocks_moved,
-                bytes_to_move: r.bytes_moved,
+                base: base.map(data::Map),
+                target: Some(data::Map(target)),
+                skip_unchanged: false,
             });
         }
+        let disks: Vec<DryRunDisk> = self
+            .scan_on(&run, &rhost, item, rsince, rdisks)?
+            .into_iter()
+            .map(|(index, r)| DryRunDisk {
+                index,
+                blocks: r.map.as_ref().map_or(0, |m| m.0.len() as u64),
+                blocks_to_move: r.blocks_moved,
+                bytes_to_move: r.bytes_moved,
+            })
+            .collect();
         let snap = run.snapshot();
         let blocks: u64 = disks.iter().map(|d| d.blocks).sum();
         let moving: u64 = disks.iter().map(|d| d.blocks_to_move).sum();

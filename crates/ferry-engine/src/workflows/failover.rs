@@ -149,15 +149,25 @@ impl Engine {
                     "restore disks",
                     manifest.disks.iter().map(|d| d.data_bytes()).sum(),
                 );
+                let req = data::RestoreReq {
+                    vm: vm.into(),
+                    store: self.store_ref(&item)?,
+                    point: point.id,
+                    disks: manifest.disks.iter().cloned().map(data::Map).collect(),
+                };
+                self.on_host(
+                    &run,
+                    &rhost,
+                    || data::DataReq::Restore(req.clone()),
+                    |env| {
+                        if phost.agent {
+                            // The primary's agent stored the last blocks.
+                            store.refresh()?;
+                        }
+                        data::restore(env, &store, &req)
+                    },
+                )?;
                 for (i, m) in manifest.disks.iter().enumerate() {
-                    let dev = rd.open_disk(vm, i as u32, true)?;
-                    restore(
-                        &run.ctx,
-                        &store,
-                        m,
-                        dev.as_ref(),
-                        &format!("point {}, disk {i}", point.id),
-                    )?;
                     self.save_map(vm, Copy::Recovery, i as u32, m)?;
                 }
                 // Change tracking of the recovery copy starts now: its content is the point's.

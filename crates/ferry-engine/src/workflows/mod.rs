@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_blocks::{BlockMap, Manifest, MapJournal, ZERO};
-use ferry_hypervisor::{Changes, DiskView, Hypervisor, Power, ViewDisk, VmInfo, VmSpec};
+use ferry_hypervisor::{DiskView, Hypervisor, Power, VmInfo, VmSpec};
 use ferry_model::{
     begin, finish, Command, Host, ItemState, Job, JobKind, JobState, Outcome, PointKind,
     ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
@@ -14,8 +14,9 @@ use ferry_store::{encode, PackWriter, Store};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::data::{self, check_tracking, known_source, view_disk};
 use crate::jobs::{this_runner, Cancelled, JobCtx, JobRun};
-use crate::pipeline::{pass, restore, KnownSource, PassSpec};
+use crate::pipeline::{pass, PassSpec};
 use crate::{Copy, CopyState, Engine, ItemExtra};
 
 mod control;
@@ -80,77 +81,6 @@ struct FailbackParams {
     /// The operator asked for both phases in one go (a resumed job keeps that wish).
     #[serde(default)]
     auto_complete: bool,
-}
-
-/// The disk `index` of a view.
-fn view_disk(view: &DiskView, index: u32) -> Result<&ViewDisk> {
-    view.disks
-        .iter()
-        .find(|d| d.index == index)
-        .ok_or_else(|| anyhow!("internal: the disk view has no disk {index}"))
-}
-
-/// What change tracking proves about a view disk whose content at its mark was `base`: the
-/// source map to trust outside the changed ranges, or `None` (read every block). Says so in
-/// the job when tracking existed but cannot be trusted, or `verify` overrides it.
-fn known_source(
-    run: &JobRun,
-    vd: &ViewDisk,
-    base: Option<&Arc<BlockMap>>,
-    verify: bool,
-    host: &str,
-) -> Option<KnownSource> {
-    match (&vd.changes, base) {
-        (Changes::Ranges(r), Some(m)) if !verify => Some(KnownSource {
-            map: m.clone(),
-            changed: r.clone(),
-        }),
-        (Changes::Unknown(Some(why)), _) => {
-            run.note(format!(
-                "disk {} on host {host}: change tracking cannot be trusted ({why}); read every block instead (hash scan)",
-                vd.index
-            ));
-            None
-        }
-        _ => None,
-    }
-}
-
-/// After a `--verify` full read: tells in the job whether change tracking would have found
-/// every block that changed since `base` (a block it missed was synced anyway).
-fn check_tracking(
-    run: &JobRun,
-    vd: &ViewDisk,
-    base: Option<&BlockMap>,
-    now: &BlockMap,
-    host: &str,
-) {
-    let (Changes::Ranges(r), Some(base)) = (&vd.changes, base) else {
-        run.note(format!(
-            "disk {} on host {host}: --verify: every block read and compared by hash (no change tracking to check)",
-            vd.index
-        ));
-        return;
-    };
-    let bs = base.block_size;
-    let missed = (0..now.len())
-        .filter(|&i| base.hashes[i] != now.hashes[i])
-        .filter(|&i| {
-            let (s, e) = (i as u64 * bs, (i as u64 + 1) * bs);
-            !r.iter().any(|&(a, b)| a < e && b > s)
-        })
-        .count();
-    if missed == 0 {
-        run.note(format!(
-            "disk {} on host {host}: --verify: a full hash comparison agrees with change tracking",
-            vd.index
-        ));
-    } else {
-        run.note(format!(
-            "disk {} on host {host}: --verify: {missed} changed blocks were not reported by change tracking (synced anyway); report this as a bug",
-            vd.index
-        ));
-    }
 }
 
 /// Closes a view whose marks were recorded; a failed clean-up is noted, not fatal.
@@ -265,6 +195,76 @@ pub fn recommend(
 }
 
 impl Engine {
+    /// Runs a data operation on `host`: `local` in this process for a host the engine drives,
+    /// else the request `remote` builds on the host's agent (the same function runs there).
+    pub(super) fn on_host<T: serde::de::DeserializeOwned>(
+        &self,
+        run: &JobRun,
+        host: &Host,
+        remote: impl FnOnce() -> data::DataReq,
+        local: impl FnOnce(&data::Env<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let note = |m: String| run.note(m);
+        if host.agent {
+            let r = self.remote.as_ref().ok_or_else(|| {
+                anyhow!(
+                    "host {} is served by a ferry agent; run this command against the control plane it reports to (`--server URL`, or FERRY_SERVER)",
+                    host.name
+                )
+            })?;
+            let v = r.data(host, &remote(), &run.ctx, &note)?;
+            return serde_json::from_value(v).map_err(|e| {
+                anyhow!(
+                    "host {}: its agent answered in a form this control plane cannot read ({e}); run the same ferry version on both",
+                    host.name
+                )
+            });
+        }
+        let d = self.driver(host)?;
+        let env = data::Env {
+            ctx: &run.ctx,
+            note: &note,
+            driver: d.as_ref(),
+            journals: self.home.join("journals"),
+        };
+        local(&env)
+    }
+
+    /// Hashes `disks` of `item`'s VM on `host` (see [`data::scan`]), in this process or on
+    /// the host's agent; answers each disk's index with its result.
+    pub(super) fn scan_on(
+        &self,
+        run: &JobRun,
+        host: &Host,
+        item: &ProtectedItem,
+        since: Vec<Option<ferry_hypervisor::ChangeMark>>,
+        disks: Vec<data::ScanDisk>,
+    ) -> Result<Vec<(u32, data::ScanResult)>> {
+        let req = data::ScanReq {
+            vm: item.vm.clone(),
+            key_id: self.extra(&item.vm)?.key_id,
+            block_size: item.block_size,
+            since,
+            disks,
+        };
+        let hasher = self.item_hasher(&item.vm)?;
+        let out: data::ScanOut = self.on_host(
+            run,
+            host,
+            || data::DataReq::Scan(req.clone()),
+            |env| data::scan(env, hasher, &req),
+        )?;
+        Ok(req.disks.iter().map(|d| d.index).zip(out.disks).collect())
+    }
+
+    /// The store of an item as a data operation names it.
+    pub(super) fn store_ref(&self, item: &ProtectedItem) -> Result<data::StoreRef> {
+        Ok(data::StoreRef {
+            url: self.site(&item.recovery_site)?.store,
+            key_id: self.extra(&item.vm)?.key_id,
+        })
+    }
+
     fn new_job(
         &self,
         kind: JobKind,

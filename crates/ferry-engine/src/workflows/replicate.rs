@@ -151,53 +151,53 @@ impl Engine {
         let since = known.as_ref().map(|k| k.marks.clone()).unwrap_or_default();
         let total: u64 = info.disks.iter().map(|x| x.size).sum();
         run.begin_step(step, total);
-        let view = d.open_view(&item.vm, &since)?;
-        let mut maps = Vec::new();
+        let mut disks = Vec::new();
         for disk in &info.disks {
-            let vd = view_disk(&view, disk.index)?;
             let base = match &known {
-                Some(_) => self
-                    .load_fitting_map(
-                        &item.vm,
-                        Copy::Primary,
-                        disk.index,
-                        disk.size,
-                        item.block_size,
-                    )?
-                    .map(Arc::new),
+                Some(_) => self.load_fitting_map(
+                    &item.vm,
+                    Copy::Primary,
+                    disk.index,
+                    disk.size,
+                    item.block_size,
+                )?,
                 None => None,
             };
-            let ks = known_source(run, vd, base.as_ref(), verify, &host.name);
-            // The known map is also the target: one copy in memory.
-            let target = base
-                .clone()
-                .unwrap_or_else(|| Arc::new(BlockMap::zeros(disk.size, item.block_size)));
-            let r = pass(
-                &run.ctx,
-                PassSpec {
-                    src: vd.dev.as_ref(),
-                    block_size: item.block_size,
-                    target,
-                    store: Some(store.clone()),
-                    hasher: store.hasher(),
-                    write: None,
-                    crosses_sites: true,
-                    known: ks,
-                },
-            )?;
-            if verify {
-                check_tracking(run, vd, base.as_deref(), &r.map, &host.name);
-            }
-            self.save_map(&item.vm, Copy::Primary, disk.index, &r.map)?;
-            maps.push(r.map);
+            disks.push(data::CaptureDisk {
+                index: disk.index,
+                size: disk.size,
+                base: base.map(data::Map),
+            });
+        }
+        let req = data::CaptureReq {
+            vm: item.vm.clone(),
+            store: self.store_ref(item)?,
+            block_size: item.block_size,
+            since,
+            disks,
+            verify,
+            crosses_sites: true,
+        };
+        let out = self.on_host(
+            run,
+            host,
+            || data::DataReq::Capture(req.clone()),
+            |env| data::capture(env, &store, &req),
+        )?;
+        if host.agent {
+            // The agent stored blocks this process has not seen.
+            store.refresh()?;
+        }
+        let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
+        for (disk, m) in info.disks.iter().zip(&maps) {
+            self.save_map(&item.vm, Copy::Primary, disk.index, m)?;
         }
         extra.primary = Some(CopyState {
             host: host.name.clone(),
-            marks: view.marks(),
+            marks: out.marks,
         });
         extra.vm_spec = Some(VmSpec::like(&info).into());
         self.set_extra(&item.vm, &extra)?;
-        close_view(run, view);
         let point = self.record_point(
             &store,
             &item.vm,
