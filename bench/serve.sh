@@ -118,6 +118,8 @@ prepare_agents() {
     local disk
     disk=$("${f[@]}" --json vm show app | python3 "$HELP" json disks.0.path)
     python3 "$HELP" gen "$disk" "$bytes" "$SEED"
+    # Past the change stamps' racy window (2 s): every contender trusts the primary's stamp alike.
+    sleep 2.1
     "${f[@]}" vm start app >>"$LOG"
     "${f[@]}" --json protect app --to dr >>"$LOG"
     "${f[@]}" --json failover app --planned >>"$LOG"
@@ -126,6 +128,7 @@ prepare_agents() {
     rdisk=$("${f[@]}" --json vm show app --host r1 | python3 "$HELP" json disks.0.path)
     python3 "$HELP" mutate "$rdisk" "$CHANGE_PCT" "$((SEED + 1))" >>"$LOG"
     sync
+    sleep 2.1 # every contender starts outside the stamps' racy window
 }
 
 # prepare HOME: two sites, a VM with one SIZE disk of generated data, protected, failed over,
@@ -142,6 +145,8 @@ prepare() {
     local disk
     disk=$("${f[@]}" --json vm show app | python3 "$HELP" json disks.0.path)
     python3 "$HELP" gen "$disk" "$bytes" "$SEED"
+    # Past the change stamps' racy window (2 s): every contender trusts the primary's stamp alike.
+    sleep 2.1
     "${f[@]}" vm start app >>"$LOG"
     "${f[@]}" --json protect app --to dr >>"$LOG"
     "${f[@]}" --json failover app --planned >>"$LOG"
@@ -150,6 +155,7 @@ prepare() {
     rdisk=$("${f[@]}" --json vm show app --host r1 | python3 "$HELP" json disks.0.path)
     python3 "$HELP" mutate "$rdisk" "$CHANGE_PCT" "$((SEED + 1))" >>"$LOG"
     sync
+    sleep 2.1 # every contender starts outside the stamps' racy window
 }
 
 # run MODE HOME: times the failback; prints "seconds read transferred written".

@@ -22,9 +22,20 @@ fn can_unshare() -> bool {
 /// `ferry agent` for `host` in its own mount namespace, the server's home hidden under an
 /// empty tmpfs.
 fn start_agent(f: &Ferry, host: &str, token: &str, root: &std::path::Path) -> Child {
+    start_agent_with(f, host, token, root, "")
+}
+
+/// [`start_agent`] with more `ferry agent` flags (`extra`, shell words).
+fn start_agent_with(
+    f: &Ferry,
+    host: &str,
+    token: &str,
+    root: &std::path::Path,
+    extra: &str,
+) -> Child {
     let (url, _) = f.server_url().unwrap();
     let script = format!(
-        "mount -t tmpfs tmpfs '{home}' && exec '{bin}' agent --server '{url}' --token '{token}' --host {host} --root '{root}'",
+        "mount -t tmpfs tmpfs '{home}' && exec '{bin}' agent --server '{url}' --token '{token}' --host {host} --root '{root}' {extra}",
         home = f.home().display(),
         bin = Ferry::bin(),
         root = root.display(),
@@ -278,8 +289,15 @@ impl AgentSites {
     }
 
     fn restart(&mut self, host: &str) {
+        self.restart_with(host, "");
+    }
+
+    /// Restarts `host`'s agent with more flags (e.g. `--key FILE`).
+    fn restart_with(&mut self, host: &str, extra: &str) {
         let a = self.agents.iter_mut().find(|a| a.0 == host).unwrap();
-        a.3 = start_agent(&self.f, host, &a.1, &a.2);
+        let _ = a.3.kill();
+        let _ = a.3.wait();
+        a.3 = start_agent_with(&self.f, host, &a.1, &a.2, extra);
         wait_agent(&self.f, host, true);
     }
 
@@ -461,4 +479,98 @@ fn an_agent_killed_mid_transfer_resumes_its_work_and_the_disks_end_identical() {
         "re-sent more than a batch: {job}"
     );
     assert_eq!(s.f.state("app"), "failback_commit_pending");
+}
+
+#[test]
+fn a_server_killed_during_phase_1_through_agents_continues_after_a_restart() {
+    let Some(s) = AgentSites::start(None) else {
+        return;
+    };
+    let f = &s.f;
+    let v = f.json(&[
+        "vm", "create", "app", "--host", "h1", "--disk", "40MiB", "--switch", "lan",
+    ]);
+    let prim = vec![disk_path_of(&v, 0)];
+    write_random(&prim[0], 0, 2 * MIB, 721);
+    f.ok(&["protect", "app", "--to", "dr"]);
+    assert_job_state(&f.json(&["failover", "app", "--planned"]), "succeeded");
+    f.ok(&["commit", "app"]);
+    let rec = f.disk_paths("app", "r1");
+    let changed = 24 * MIB;
+    write_random(&rec[0], 8 * MIB, changed, 722);
+    let mut child = f.spawn(&["failback", "app", "--bandwidth", "4MiB/s", "--threads", "1"]);
+    let st = f.wait_status("app", Duration::from_secs(60), "phase 1 writing", |st| {
+        st["state"] == "failback_syncing"
+            && st["job"]["bytes_written"].as_u64().unwrap_or(0) >= 8 * MIB
+    });
+    let id = job_id(&st["job"]);
+    // kill -9 of the control plane while the primary's agent writes; the agents stay up and
+    // find it again at the same address.
+    let (url, _) = f.server_url().unwrap();
+    let listen = url.trim_start_matches("http://").to_string();
+    f.start_server_with(&[], &["--agent-timeout", "3s", "--listen", &listen]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let st = f.wait_status(
+        "app",
+        Duration::from_secs(90),
+        "the job to continue and wait",
+        |st| st["state"] == "failback_ready",
+    );
+    assert_eq!(job_id(&st["job"]), id, "the same job continued: {st}");
+    assert_eq!(st["job"]["state"], "waiting", "{st}");
+    let moved = st["job"]["bytes_transferred"].as_u64().unwrap();
+    assert!(
+        moved <= changed + 17 * MIB,
+        "phase 1 did not start over (the agent's journal kept what it wrote): {moved} bytes for {changed} changed"
+    );
+    let job = f.json(&["complete", "app"]);
+    assert_eq!(job_id(&job), id);
+    assert_job_state(&job, "succeeded");
+    assert_all_identical(&prim, &rec);
+    assert_eq!(f.power("app", Some("h1")), "running");
+}
+
+#[test]
+fn an_encrypted_vm_moves_through_agents_that_hold_its_key_and_an_agent_without_it_is_refused_by_name(
+) {
+    let Some(mut s) = AgentSites::start(None) else {
+        return;
+    };
+    // The key lives outside the server's home (the agents cannot see that).
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("app.key");
+    let created = s.f.json(&["key", "new", key.to_str().unwrap()]);
+    let key_id = created["id"].as_str().unwrap().to_string();
+    let v = s.f.json(&[
+        "vm", "create", "app", "--host", "h1", "--disk", "4MiB", "--switch", "lan",
+    ]);
+    let prim = vec![disk_path_of(&v, 0)];
+    write_random(&prim[0], 0, 3 * MIB, 731);
+    let k = key.to_str().unwrap();
+    let err = s.f.fail(&["protect", "app", "--to", "dr", "--key", k]);
+    assert!(
+        err.contains("agent of host h1") && err.contains("--key") && err.contains(&key_id),
+        "the refusal names the agent, the key and the flag: {err}"
+    );
+    let with_key = format!("--key '{}'", key.display());
+    s.restart_with("h1", &with_key);
+    s.restart_with("r1", &with_key);
+    assert_job_state(
+        &s.f.json(&["protect", "app", "--to", "dr", "--key", k]),
+        "succeeded",
+    );
+    assert_job_state(
+        &s.f.json(&["failover", "app", "--planned", "--key", k]),
+        "succeeded",
+    );
+    s.f.ok(&["commit", "app"]);
+    let rec = s.f.disk_paths("app", "r1");
+    assert_all_identical(&prim, &rec);
+    write_random(&rec[0], MIB, 512 * KIB, 732);
+    let job =
+        s.f.json(&["failback", "app", "--auto-complete", "--key", k]);
+    assert_job_state(&job, "succeeded");
+    assert_all_identical(&prim, &rec);
+    assert!(job_u64(&job, "bytes_transferred") <= 700 * KIB, "{job}");
 }

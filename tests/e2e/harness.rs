@@ -69,7 +69,12 @@ pub fn start_server(home: &Path, env: &[(&str, &str)], args: &[&str]) -> (Child,
     let mut c = Command::new(Ferry::bin());
     c.arg("--home")
         .arg(home)
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("serve")
+        .args(if args.contains(&"--listen") {
+            &[][..]
+        } else {
+            &["--listen", "127.0.0.1:0"][..]
+        })
         .args(args)
         .env_remove("FERRY_HOME")
         .env_remove("FERRY_SERVER")

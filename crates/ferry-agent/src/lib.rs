@@ -111,6 +111,7 @@ pub fn run(o: AgentOpts) -> Result<()> {
     loop {
         match client.get_opt::<AgentTask>(&path, Duration::from_secs(60)) {
             Ok(Some(task)) => {
+                tracing::debug!("agent: task {} received", task.id);
                 let (client, o) = (client.clone(), o.clone());
                 std::thread::spawn(move || {
                     let id = task.id;
@@ -122,6 +123,7 @@ pub fn run(o: AgentOpts) -> Result<()> {
                     if let Err(e) = client.post::<_, serde_json::Value>(&path, &r) {
                         tracing::warn!("agent: answering task {id}: {e}");
                     }
+                    tracing::debug!("agent: task {id} answered");
                 });
             }
             Ok(None) => {}
@@ -153,6 +155,7 @@ pub fn run_data(o: &AgentOpts, client: &Client, task: AgentTask) -> AgentResult 
     else {
         return fail("internal: not a data operation".into());
     };
+    let _span = tracing::debug_span!("agent_data", task = task.id).entered();
     let req: ferry_engine::data::DataReq = match serde_json::from_value(request.clone()) {
         Ok(r) => r,
         Err(e) => {
@@ -180,7 +183,8 @@ pub fn run_data(o: &AgentOpts, client: &Client, task: AgentTask) -> AgentResult 
         }
         busy.push(vm.clone());
     }
-    let done = std::sync::atomic::AtomicBool::new(false);
+    // Dropped when the operation ends: wakes the progress reporter at once.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let notes = std::sync::Mutex::new(Vec::<String>::new());
     let host = Host {
         root: o.root.clone(),
@@ -189,16 +193,15 @@ pub fn run_data(o: &AgentOpts, client: &Client, task: AgentTask) -> AgentResult 
     };
     let r = std::thread::scope(|s| {
         s.spawn(|| {
+            let done_rx = done_rx; // moved in: a Receiver is not shared between threads
             let path = format!(
                 "/v1/agent/tasks/{}/progress?host={}",
                 task.id,
                 segment(&o.host)
             );
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(PROGRESS);
-                if done.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                done_rx.recv_timeout(PROGRESS)
+            {
                 match client.post::<_, ferry_api::AgentProgressReply>(&path, &counters(&ctx)) {
                     Ok(r) if r.cancel => {
                         tracing::info!("agent: task {} stopped by the control plane", task.id);
@@ -228,7 +231,7 @@ pub fn run_data(o: &AgentOpts, client: &Client, task: AgentTask) -> AgentResult 
             };
             ferry_engine::data::run(&env, key.as_ref(), &req)
         })();
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(done_tx);
         r
     });
     {

@@ -11,6 +11,9 @@ use serde::Serialize;
 
 use crate::*;
 
+/// Largest answer the client reads (agent tasks carry block maps: 64 bytes of JSON a block).
+pub const RESPONSE_LIMIT: u64 = 256 << 20;
+
 /// Receives job snapshots while a request that runs a job is in flight.
 pub type Progress = Arc<dyn Fn(&Job) + Send + Sync>;
 
@@ -91,12 +94,24 @@ impl Client {
         r: std::result::Result<ureq::Response, ureq::Error>,
     ) -> ApiResult<T> {
         match r {
-            Ok(resp) => resp.into_json::<T>().map_err(|e| {
-                ApiError::new(
-                    ErrorKind::Internal,
-                    format!("the server at {} sent an answer this ferry cannot read ({e}); are client and server the same version?", self.base),
-                )
-            }),
+            Ok(resp) => {
+                // Read whole, then parse: parsing from a reader goes byte by byte, and agent
+                // tasks carry megabytes of block maps.
+                let mut body = Vec::new();
+                use std::io::Read;
+                let read = resp
+                    .into_reader()
+                    .take(RESPONSE_LIMIT)
+                    .read_to_end(&mut body)
+                    .map_err(|e| e.to_string());
+                read.and_then(|_| serde_json::from_slice::<T>(&body).map_err(|e| e.to_string()))
+                    .map_err(|e| {
+                        ApiError::new(
+                            ErrorKind::Internal,
+                            format!("the server at {} sent an answer this ferry cannot read ({e}); are client and server the same version?", self.base),
+                        )
+                    })
+            }
             Err(ureq::Error::Status(code, resp)) => {
                 let body = resp.into_string().unwrap_or_default();
                 Err(serde_json::from_str::<ApiError>(&body).unwrap_or_else(|_| {

@@ -317,6 +317,7 @@ pub(crate) fn check_tracking(
 /// the store lacks, and returns the maps and the view's marks. The view is closed with its
 /// marks kept: the caller records them next.
 pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<CaptureOut> {
+    let _span = tracing::debug_span!("capture").entered();
     let host = env.driver.host().name.clone();
     let view = env.driver.open_view(&req.vm, &req.since)?;
     let mut maps = Vec::new();
@@ -369,9 +370,11 @@ fn journal_files(dir: &Path, vm: &str, index: u32) -> (PathBuf, PathBuf) {
 /// journal over another target is stale (the control plane saved the maps it led to) and is
 /// dropped.
 pub fn apply(env: &Env<'_>, store: &Arc<Store>, req: &ApplyReq) -> Result<ApplyOut> {
+    let _span = tracing::debug_span!("apply").entered();
     let host = env.driver.host().name.clone();
     let mut out = ApplyOut::default();
     for d in &req.disks {
+        let _prep = tracing::debug_span!("apply_journal", disk = d.index).entered();
         let (jpath, bpath) = journal_files(&env.journals, &req.vm, d.index);
         std::fs::create_dir_all(jpath.parent().expect("has a parent"))
             .with_context(|| format!("creating {}", env.journals.display()))?;
@@ -385,6 +388,7 @@ pub fn apply(env: &Env<'_>, store: &Arc<Store>, req: &ApplyReq) -> Result<ApplyO
         }
         let mut journal = MapJournal::open(&jpath)?;
         let dev = env.driver.open_disk(&req.vm, d.index, true)?;
+        drop(_prep);
         let (b, n) = pipeline::apply(
             env.ctx,
             store,
@@ -488,8 +492,10 @@ pub fn run(
             )),
         }
     };
+    let _span = tracing::debug_span!("data_op").entered();
     let store = match req.store() {
         Some(s) => {
+            let _open = tracing::debug_span!("data_op_store").entered();
             let k = want(&s.key_id)?;
             let st = Store::open_with(&s.url, k)
                 .with_context(|| format!("host {host}: the store {} is unreachable from here (store credentials come from the agent's environment)", s.url))?;

@@ -86,6 +86,11 @@ pub struct ItemExtra {
     /// Shape of the VM as last replicated, to recreate it when the primary is unreachable.
     #[serde(default)]
     pub vm_spec: Option<SavedSpec>,
+    /// Host an agent `apply` was sent to and whose new maps are not saved yet: its disks may
+    /// hold more than the saved maps say (its journal knows), so the next sync must send it
+    /// an apply even when the maps agree.
+    #[serde(default)]
+    pub apply_pending: Option<String>,
 }
 
 /// The shape of a protected VM (everything but its disks' content).

@@ -429,6 +429,7 @@ impl ferry_engine::RemoteHosts for Remote {
         ctx: &ferry_engine::JobCtx,
         note: &(dyn Fn(String) + Sync),
     ) -> anyhow::Result<serde_json::Value> {
+        let _span = tracing::debug_span!("agent_data_call", host = %host.name).entered();
         let op = AgentOp::Data {
             request: serde_json::to_value(req)?,
             threads: ctx.threads,
@@ -451,6 +452,7 @@ impl ferry_engine::RemoteHosts for Remote {
                 step_done: s.step_done.max(c.step_done),
             });
         };
+        let wait = tracing::debug_span!("agent_wait").entered();
         let r = self.0.call_long(
             host,
             op,
@@ -459,6 +461,7 @@ impl ferry_engine::RemoteHosts for Remote {
             &|| ctx.is_cancelled(),
             note,
         );
+        drop(wait);
         let v = match r {
             Ok(Some(v)) => v,
             Ok(None) => return Err(ferry_engine::Cancelled.into()),

@@ -63,6 +63,8 @@ impl axum::serve::Listener for TlsListener {
                     continue;
                 }
             };
+            // Small writes go at once (see `no_delay` in lib.rs).
+            let _ = tcp.set_nodelay(true);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => return (tls, addr),
                 Ok(Err(e)) => tracing::info!("TLS handshake from {addr} failed: {e}"),

@@ -93,6 +93,8 @@ pub struct Store {
     rt: tokio::runtime::Runtime,
     lease: std::sync::Mutex<Option<Lease>>,
     index: Arc<RwLock<HashMap<Hash, Location>>>,
+    /// Index objects already read into `index` (a refresh reads only the others).
+    indexed: std::sync::Mutex<std::collections::HashSet<String>>,
     uploads: std::sync::atomic::AtomicUsize,
 }
 
@@ -149,13 +151,14 @@ impl Store {
             os,
             rt,
             index: Arc::new(RwLock::new(HashMap::new())),
+            indexed: Default::default(),
             uploads: std::sync::atomic::AtomicUsize::new(if url.starts_with("file://") {
                 1
             } else {
                 DEFAULT_UPLOADS
             }),
         };
-        store.load_index()?;
+        store.load_index(true)?;
         Ok(store)
     }
 
@@ -171,14 +174,16 @@ impl Store {
         }
     }
 
-    /// Reads every pack index into memory, several at once (one request each: on a network
-    /// store its latency, not its size, is the cost).
-    /// Reads the store's index again (blocks another process stored since it was opened).
+    /// Reads the index of packs another process stored since this one was opened or last
+    /// refreshed (one listing and one request per new pack); when packs were deleted
+    /// meanwhile (garbage collection), reads the whole index again.
     pub fn refresh(&self) -> Result<()> {
-        self.load_index()
+        self.load_index(false)
     }
 
-    fn load_index(&self) -> Result<()> {
+    /// Reads pack indexes into memory, several at once (one request each: on a network store
+    /// its latency, not its size, is the cost): every one (`full`), or those not read yet.
+    fn load_index(&self, full: bool) -> Result<()> {
         let metas: Vec<_> = self
             .rt
             .block_on(
@@ -187,8 +192,27 @@ impl Store {
                     .try_collect::<Vec<_>>(),
             )
             .map_err(self.backend())?;
+        let listed: std::collections::HashSet<String> =
+            metas.iter().map(|m| m.location.to_string()).collect();
+        let full = full || {
+            let seen = self.indexed.lock().unwrap();
+            seen.iter().any(|p| !listed.contains(p))
+        };
+        let metas: Vec<_> = if full {
+            metas
+        } else {
+            let seen = self.indexed.lock().unwrap();
+            metas
+                .into_iter()
+                .filter(|m| !seen.contains(m.location.as_ref()))
+                .collect()
+        };
+        if !full && metas.is_empty() {
+            return Ok(());
+        }
         let os = &self.os;
         let mut idx = HashMap::new();
+        let mut read = Vec::new();
         self.rt.block_on(async {
             let mut fetched = futures::stream::iter(metas.into_iter().map(|m| async move {
                 let b = os.get(&m.location).await?.bytes().await?;
@@ -200,10 +224,18 @@ impl Store {
                 for (h, loc) in self.parse_index(&at, &b)? {
                     idx.insert(h, loc);
                 }
+                read.push(at.to_string());
             }
             Ok::<_, StoreError>(())
         })?;
-        *self.index.write().unwrap() = idx;
+        let mut seen = self.indexed.lock().unwrap();
+        if full {
+            *self.index.write().unwrap() = idx;
+            seen.clear();
+        } else {
+            self.index.write().unwrap().extend(idx);
+        }
+        seen.extend(read);
         Ok(())
     }
 
@@ -629,6 +661,37 @@ mod tests {
         let err = s.read_block(&h).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains(&hex::encode(h)));
+    }
+
+    #[test]
+    fn a_refresh_sees_packs_another_process_stored_and_packs_it_deleted() {
+        let (dir, s) = open_temp();
+        let url = format!("file://{}", dir.path().display());
+        let other = Arc::new(Store::open(&url).unwrap());
+        let put = |st: &Arc<Store>, byte: u8| {
+            let mut w = PackWriter::new(st.clone(), 1 << 20);
+            let a = vec![byte; 4096];
+            let h = ferry_blocks::hash_block(&a);
+            w.add(h, &a, Codec::Raw, 4096).unwrap();
+            w.finish().unwrap();
+            h
+        };
+        let a = put(&other, 1);
+        assert!(!s.contains(&a), "not seen before a refresh");
+        s.refresh().unwrap();
+        assert!(s.contains(&a));
+        let b = put(&other, 2);
+        s.refresh().unwrap();
+        assert!(
+            s.contains(&a) && s.contains(&b),
+            "a refresh adds only the new pack"
+        );
+        assert_eq!(s.read_block(&b).unwrap(), vec![2u8; 4096]);
+        // The other process collects both packs (no manifest refers to them): a refresh
+        // forgets them instead of pointing at packs that are gone.
+        assert_eq!(other.collect_garbage(std::time::Duration::ZERO).unwrap(), 2);
+        s.refresh().unwrap();
+        assert!(!s.contains(&a) && !s.contains(&b));
     }
 
     #[test]

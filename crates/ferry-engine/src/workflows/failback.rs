@@ -514,6 +514,7 @@ impl Engine {
         rinfo: &VmInfo,
         verify: bool,
     ) -> Result<Vec<BlockMap>> {
+        let _span = tracing::debug_span!("sync_via_store").entered();
         let item = self.item(vm)?;
         let store_ref = self.store_ref(&item)?;
         let since = self
@@ -548,6 +549,7 @@ impl Engine {
         )?;
         drop(req);
         if rhost.agent {
+            let _s = tracing::debug_span!("store_refresh").entered();
             store.refresh()?;
         }
         let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
@@ -564,19 +566,27 @@ impl Engine {
             });
         }
         // The step counted the capture's reads; the writes that follow add to it.
-        run.add_step_total(adisks.iter().map(|d| d.bytes_to_write()).sum());
-        let areq = data::ApplyReq {
-            vm: vm.into(),
-            store: store_ref,
-            disks: adisks,
-        };
-        self.on_host(
-            run,
-            thost,
-            || data::DataReq::Apply(areq.clone()),
-            |env| data::apply(env, store, &areq),
-        )?;
-        drop(areq);
+        let to_write: u64 = adisks.iter().map(|d| d.bytes_to_write()).sum();
+        run.add_step_total(to_write);
+        // Nothing differs (a phase 2 after a converged phase 1) and no apply was cut short:
+        // no request at all.
+        let pending = self.extra(vm)?.apply_pending.as_deref() == Some(thost.name.as_str());
+        if to_write > 0 || pending {
+            let mut ex = self.extra(vm)?;
+            ex.apply_pending = Some(thost.name.clone());
+            self.set_extra(vm, &ex)?;
+            let areq = data::ApplyReq {
+                vm: vm.into(),
+                store: store_ref,
+                disks: adisks,
+            };
+            self.on_host(
+                run,
+                thost,
+                || data::DataReq::Apply(areq.clone()),
+                |env| data::apply(env, store, &areq),
+            )?;
+        }
         // The target holds the maps now (its host's journal covered the writes until here).
         for (d, m) in rinfo.disks.iter().zip(&maps) {
             self.save_map(vm, Copy::Primary, d.index, m)?;
@@ -589,6 +599,7 @@ impl Engine {
             host: rinfo.host.clone(),
             marks: out.marks,
         });
+        ex.apply_pending = None;
         self.set_extra(vm, &ex)?;
         Ok(maps)
     }
