@@ -574,3 +574,62 @@ fn an_encrypted_vm_moves_through_agents_that_hold_its_key_and_an_agent_without_i
     assert_all_identical(&prim, &rec);
     assert!(job_u64(&job, "bytes_transferred") <= 700 * KIB, "{job}");
 }
+
+#[test]
+fn a_failback_waiting_for_a_dead_agent_can_be_cancelled_and_its_disk_stays_inconsistent() {
+    let Some(mut s) = AgentSites::start(None) else {
+        return;
+    };
+    let v = s.f.json(&[
+        "vm", "create", "app", "--host", "h1", "--disk", "40MiB", "--switch", "lan",
+    ]);
+    let prim = vec![disk_path_of(&v, 0)];
+    write_random(&prim[0], 0, 2 * MIB, 741);
+    s.f.ok(&["protect", "app", "--to", "dr"]);
+    assert_job_state(&s.f.json(&["failover", "app", "--planned"]), "succeeded");
+    s.f.ok(&["commit", "app"]);
+    let rec = s.f.disk_paths("app", "r1");
+    write_random(&rec[0], 4 * MIB, 24 * MIB, 742);
+    let mut child = s.f.spawn(&[
+        "failback",
+        "app",
+        "--auto-complete",
+        "--bandwidth",
+        "4MiB/s",
+        "--threads",
+        "1",
+    ]);
+    s.f.wait_status("app", Duration::from_secs(60), "8 MiB written", |st| {
+        st["job"]["bytes_written"].as_u64().unwrap_or(0) >= 8 * MIB
+    });
+    s.kill("h1");
+    s.f.wait_status(
+        "app",
+        Duration::from_secs(30),
+        "a note that the job waits",
+        |st| {
+            st["job"]["notes"].as_array().is_some_and(|n| {
+                n.iter()
+                    .any(|n| n.as_str().unwrap_or("").contains("waiting for agent h1"))
+            })
+        },
+    );
+    // The operator gives up waiting: the job stops, the primary's disk stays marked
+    // inconsistent, and nothing starts a VM on it.
+    s.f.ok(&["cancel", "app"]);
+    let _ = child.wait();
+    s.f.assert_state("app", "failback_interrupted");
+    s.restart("h1");
+    let h1 = s.f.json(&["vm", "show", "app", "--host", "h1"]);
+    assert_eq!(h1["disks"][0]["consistent"], false, "{h1}");
+    let err = s.f.fail(&["vm", "start", "app", "--host", "h1"]);
+    assert!(err.contains("inconsistent"), "{err}");
+    // Re-running the failback continues where the agent's journal says it stopped.
+    let job = s.f.json(&["failback", "app", "--auto-complete"]);
+    assert_job_state(&job, "succeeded");
+    assert_all_identical(&prim, &rec);
+    assert!(
+        job_u64(&job, "bytes_transferred") <= 24 * MIB + 17 * MIB,
+        "the re-run did not start over: {job}"
+    );
+}
