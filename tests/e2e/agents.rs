@@ -633,3 +633,55 @@ fn a_failback_waiting_for_a_dead_agent_can_be_cancelled_and_its_disk_stays_incon
         "the re-run did not start over: {job}"
     );
 }
+
+#[test]
+fn a_failback_through_agents_can_create_the_vm_on_another_primary_host() {
+    let Some(mut s) = AgentSites::start(None) else {
+        return;
+    };
+    // A second primary host, served by its own agent.
+    s.f.ok(&[
+        "host", "add", "h2", "--site", "prim", "--driver", "dir", "--switch", "lan", "--agent",
+    ]);
+    let token = s.f.json(&[
+        "token", "new", "h2-agent", "--role", "agent", "--host", "h2",
+    ])["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let root = tempfile::tempdir().unwrap();
+    let child = start_agent(&s.f, "h2", &token, root.path());
+    s.agents.push((
+        "h2".into(),
+        token,
+        root.path().canonicalize().unwrap(),
+        child,
+    ));
+    s._roots.push(root);
+    wait_agent(&s.f, "h2", true);
+
+    let v = s.f.json(&[
+        "vm", "create", "app", "--host", "h1", "--disk", "6MiB", "--switch", "lan",
+    ]);
+    write_random(&disk_path_of(&v, 0), 0, 4 * MIB, 751);
+    s.f.ok(&["protect", "app", "--to", "dr"]);
+    assert_job_state(&s.f.json(&["failover", "app", "--planned"]), "succeeded");
+    s.f.ok(&["commit", "app"]);
+    let rec = s.f.disk_paths("app", "r1");
+    write_random(&rec[0], MIB, 256 * KIB, 752);
+    let job = s.f.json(&[
+        "failback",
+        "app",
+        "--host",
+        "h2",
+        "--create-vm",
+        "--auto-complete",
+    ]);
+    assert_job_state(&job, "succeeded");
+    let on_h2 = s.f.disk_paths("app", "h2");
+    assert!(on_h2[0].starts_with(s.root("h2")), "{on_h2:?}");
+    assert_all_identical(&on_h2, &rec);
+    assert_eq!(s.f.power("app", Some("h2")), "running");
+    // A new disk holds nothing yet: every non-zero block of it crossed the sites once.
+    assert!(job_u64(&job, "bytes_written") >= 4 * MIB, "{job}");
+}
