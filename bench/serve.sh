@@ -70,6 +70,28 @@ trap cleanup EXIT
 
 now() { python3 -c 'import time; print(f"{time.monotonic():.6f}")'; }
 
+# failed_over FERRY…: on an installation with hosts h1 (site prim) and r1 (site dr), a VM with
+# one SIZE disk of generated data, protected, failed over, committed, and CHANGE_PCT% of its
+# blocks rewritten at the recovery site. FERRY… is the ferry command with its --home or --server.
+failed_over() {
+    local f=("$@")
+    "${f[@]}" vm create app --host h1 --disk "$bytes" --switch lan >>"$LOG"
+    local disk
+    disk=$("${f[@]}" --json vm show app | python3 "$HELP" json disks.0.path)
+    python3 "$HELP" gen "$disk" "$bytes" "$SEED"
+    # Past the change stamps' racy window (2 s): every contender trusts the primary's stamp alike.
+    sleep 2.1
+    "${f[@]}" vm start app >>"$LOG"
+    "${f[@]}" --json protect app --to dr >>"$LOG"
+    "${f[@]}" --json failover app --planned >>"$LOG"
+    "${f[@]}" --json commit app >>"$LOG"
+    local rdisk
+    rdisk=$("${f[@]}" --json vm show app --host r1 | python3 "$HELP" json disks.0.path)
+    python3 "$HELP" mutate "$rdisk" "$CHANGE_PCT" "$((SEED + 1))" >>"$LOG"
+    sync
+    sleep 2.1 # every contender starts outside the stamps' racy window
+}
+
 stop_agents() {
     local p
     for p in "${A_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -114,25 +136,10 @@ prepare_agents() {
             sleep 0.05
         done
     done
-    "${f[@]}" vm create app --host h1 --disk "$bytes" --switch lan >>"$LOG"
-    local disk
-    disk=$("${f[@]}" --json vm show app | python3 "$HELP" json disks.0.path)
-    python3 "$HELP" gen "$disk" "$bytes" "$SEED"
-    # Past the change stamps' racy window (2 s): every contender trusts the primary's stamp alike.
-    sleep 2.1
-    "${f[@]}" vm start app >>"$LOG"
-    "${f[@]}" --json protect app --to dr >>"$LOG"
-    "${f[@]}" --json failover app --planned >>"$LOG"
-    "${f[@]}" --json commit app >>"$LOG"
-    local rdisk
-    rdisk=$("${f[@]}" --json vm show app --host r1 | python3 "$HELP" json disks.0.path)
-    python3 "$HELP" mutate "$rdisk" "$CHANGE_PCT" "$((SEED + 1))" >>"$LOG"
-    sync
-    sleep 2.1 # every contender starts outside the stamps' racy window
+    failed_over "${f[@]}"
 }
 
-# prepare HOME: two sites, a VM with one SIZE disk of generated data, protected, failed over,
-# committed, CHANGE_PCT% of its blocks rewritten at the recovery site.
+# prepare HOME: two sites, two hosts driven in-process, then failed_over.
 prepare() {
     local home=$1
     local f=("$FERRY_BIN" --home "$home")
@@ -141,21 +148,7 @@ prepare() {
     "${f[@]}" site add dr --role recovery >>"$LOG"
     "${f[@]}" host add h1 --site prim --driver dir --switch lan >>"$LOG"
     "${f[@]}" host add r1 --site dr --driver dir --switch lan >>"$LOG"
-    "${f[@]}" vm create app --host h1 --disk "$bytes" --switch lan >>"$LOG"
-    local disk
-    disk=$("${f[@]}" --json vm show app | python3 "$HELP" json disks.0.path)
-    python3 "$HELP" gen "$disk" "$bytes" "$SEED"
-    # Past the change stamps' racy window (2 s): every contender trusts the primary's stamp alike.
-    sleep 2.1
-    "${f[@]}" vm start app >>"$LOG"
-    "${f[@]}" --json protect app --to dr >>"$LOG"
-    "${f[@]}" --json failover app --planned >>"$LOG"
-    "${f[@]}" --json commit app >>"$LOG"
-    local rdisk
-    rdisk=$("${f[@]}" --json vm show app --host r1 | python3 "$HELP" json disks.0.path)
-    python3 "$HELP" mutate "$rdisk" "$CHANGE_PCT" "$((SEED + 1))" >>"$LOG"
-    sync
-    sleep 2.1 # every contender starts outside the stamps' racy window
+    failed_over "${f[@]}"
 }
 
 # run MODE HOME: times the failback; prints "seconds read transferred written".

@@ -301,6 +301,40 @@ impl AgentSites {
         wait_agent(&self.f, host, true);
     }
 
+    /// VM `app` on h1 with one disk of `size` holding `data` random bytes (`seed`), protected,
+    /// failed over to r1 and committed: its primary and recovery disk paths.
+    fn failed_over(
+        &self,
+        size: &str,
+        data: u64,
+        seed: u64,
+    ) -> (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+        let v = self.f.json(&[
+            "vm", "create", "app", "--host", "h1", "--disk", size, "--switch", "lan",
+        ]);
+        let prim = vec![disk_path_of(&v, 0)];
+        write_random(&prim[0], 0, data, seed);
+        self.f.ok(&["protect", "app", "--to", "dr"]);
+        assert_job_state(&self.f.json(&["failover", "app", "--planned"]), "succeeded");
+        self.f.ok(&["commit", "app"]);
+        (prim, self.f.disk_paths("app", "r1"))
+    }
+
+    /// Waits until app's job notes that it waits for `host`'s agent.
+    fn wait_waiting_for(&self, host: &str) {
+        let want = format!("waiting for agent {host}");
+        self.f.wait_status(
+            "app",
+            Duration::from_secs(30),
+            "a note that the job waits",
+            |st| {
+                st["job"]["notes"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|n| n.as_str().unwrap_or("").contains(&want)))
+            },
+        );
+    }
+
     fn root(&self, host: &str) -> std::path::PathBuf {
         self.agents.iter().find(|a| a.0 == host).unwrap().2.clone()
     }
@@ -420,15 +454,7 @@ fn an_agent_killed_mid_transfer_resumes_its_work_and_the_disks_end_identical() {
     let Some(mut s) = AgentSites::start(None) else {
         return;
     };
-    let v = s.f.json(&[
-        "vm", "create", "app", "--host", "h1", "--disk", "40MiB", "--switch", "lan",
-    ]);
-    let prim = vec![disk_path_of(&v, 0)];
-    write_random(&prim[0], 0, 2 * MIB, 711);
-    s.f.ok(&["protect", "app", "--to", "dr"]);
-    assert_job_state(&s.f.json(&["failover", "app", "--planned"]), "succeeded");
-    s.f.ok(&["commit", "app"]);
-    let rec = s.f.disk_paths("app", "r1");
+    let (prim, rec) = s.failed_over("40MiB", 2 * MIB, 711);
     write_random(&rec[0], 4 * MIB, 32 * MIB, 712);
     // The primary's agent writes at 4 MiB/s in batches of 2 threads x 2 groups of 4 MiB:
     // killed once its first batch is durable, mid-way through the 32 MiB.
@@ -447,17 +473,7 @@ fn an_agent_killed_mid_transfer_resumes_its_work_and_the_disks_end_identical() {
     });
     s.kill("h1");
     // The job waits for the agent, and says so.
-    s.f.wait_status(
-        "app",
-        Duration::from_secs(30),
-        "a note that the job waits",
-        |st| {
-            st["job"]["notes"].as_array().is_some_and(|n| {
-                n.iter()
-                    .any(|n| n.as_str().unwrap_or("").contains("waiting for agent h1"))
-            })
-        },
-    );
+    s.wait_waiting_for("h1");
     let before = s.f.status("app")["job"]["bytes_written"].as_u64().unwrap();
     assert!(before < 32 * MIB, "killed mid-transfer: {before}");
     s.restart("h1");
@@ -487,15 +503,7 @@ fn a_server_killed_during_phase_1_through_agents_continues_after_a_restart() {
         return;
     };
     let f = &s.f;
-    let v = f.json(&[
-        "vm", "create", "app", "--host", "h1", "--disk", "40MiB", "--switch", "lan",
-    ]);
-    let prim = vec![disk_path_of(&v, 0)];
-    write_random(&prim[0], 0, 2 * MIB, 721);
-    f.ok(&["protect", "app", "--to", "dr"]);
-    assert_job_state(&f.json(&["failover", "app", "--planned"]), "succeeded");
-    f.ok(&["commit", "app"]);
-    let rec = f.disk_paths("app", "r1");
+    let (prim, rec) = s.failed_over("40MiB", 2 * MIB, 721);
     let changed = 24 * MIB;
     write_random(&rec[0], 8 * MIB, changed, 722);
     let mut child = f.spawn(&["failback", "app", "--bandwidth", "4MiB/s", "--threads", "1"]);
@@ -580,15 +588,7 @@ fn a_failback_waiting_for_a_dead_agent_can_be_cancelled_and_its_disk_stays_incon
     let Some(mut s) = AgentSites::start(None) else {
         return;
     };
-    let v = s.f.json(&[
-        "vm", "create", "app", "--host", "h1", "--disk", "40MiB", "--switch", "lan",
-    ]);
-    let prim = vec![disk_path_of(&v, 0)];
-    write_random(&prim[0], 0, 2 * MIB, 741);
-    s.f.ok(&["protect", "app", "--to", "dr"]);
-    assert_job_state(&s.f.json(&["failover", "app", "--planned"]), "succeeded");
-    s.f.ok(&["commit", "app"]);
-    let rec = s.f.disk_paths("app", "r1");
+    let (prim, rec) = s.failed_over("40MiB", 2 * MIB, 741);
     write_random(&rec[0], 4 * MIB, 24 * MIB, 742);
     let mut child = s.f.spawn(&[
         "failback",
@@ -603,17 +603,7 @@ fn a_failback_waiting_for_a_dead_agent_can_be_cancelled_and_its_disk_stays_incon
         st["job"]["bytes_written"].as_u64().unwrap_or(0) >= 8 * MIB
     });
     s.kill("h1");
-    s.f.wait_status(
-        "app",
-        Duration::from_secs(30),
-        "a note that the job waits",
-        |st| {
-            st["job"]["notes"].as_array().is_some_and(|n| {
-                n.iter()
-                    .any(|n| n.as_str().unwrap_or("").contains("waiting for agent h1"))
-            })
-        },
-    );
+    s.wait_waiting_for("h1");
     // The operator gives up waiting: the job stops, the primary's disk stays marked
     // inconsistent, and nothing starts a VM on it.
     s.f.ok(&["cancel", "app"]);
@@ -660,14 +650,7 @@ fn a_failback_through_agents_can_create_the_vm_on_another_primary_host() {
     s._roots.push(root);
     wait_agent(&s.f, "h2", true);
 
-    let v = s.f.json(&[
-        "vm", "create", "app", "--host", "h1", "--disk", "6MiB", "--switch", "lan",
-    ]);
-    write_random(&disk_path_of(&v, 0), 0, 4 * MIB, 751);
-    s.f.ok(&["protect", "app", "--to", "dr"]);
-    assert_job_state(&s.f.json(&["failover", "app", "--planned"]), "succeeded");
-    s.f.ok(&["commit", "app"]);
-    let rec = s.f.disk_paths("app", "r1");
+    let (_, rec) = s.failed_over("6MiB", 4 * MIB, 751);
     write_random(&rec[0], MIB, 256 * KIB, 752);
     let job = s.f.json(&[
         "failback",

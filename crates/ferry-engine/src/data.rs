@@ -195,6 +195,20 @@ pub struct ScanDisk {
     pub skip_unchanged: bool,
 }
 
+impl ScanDisk {
+    /// A disk whose map now is wanted: `base` (its map at the scan's marks, if known) is
+    /// trusted where change tracking proves nothing changed, and nothing is read at all when
+    /// nothing did (the answer's map is then `None`: `base` still holds).
+    pub fn rescan(index: u32, base: Option<BlockMap>) -> Self {
+        ScanDisk {
+            index,
+            base: base.map(Map),
+            target: None,
+            skip_unchanged: true,
+        }
+    }
+}
+
 /// Hash a VM's disks (a view of them as they are; nothing is written or stored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanReq {

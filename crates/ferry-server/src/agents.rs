@@ -327,9 +327,11 @@ impl AgentDriver {
         })
     }
 
+    /// Disk I/O of an agent host never passes through the control plane: the engine sends
+    /// it to the agent as a data operation (see `RemoteHosts::data`).
     fn data_path(&self) -> HvError {
         HvError::Invalid(format!(
-            "host {} is served by an agent, and moving disk data through agents (replication, failover, failback) is not available in this version yet; see docs/agents.md",
+            "internal: the disks of host {} are read and written by its agent (a data operation), never through the control plane",
             self.host.name
         ))
     }

@@ -377,12 +377,7 @@ impl Engine {
             } else if map.is_some() && inconsistent_by_us {
                 // An interrupted sync of ours: its journal keeps the map exact.
             } else {
-                scans.push(data::ScanDisk {
-                    index: d.index,
-                    base: map.map(data::Map),
-                    target: None,
-                    skip_unchanged: true,
-                });
+                scans.push(data::ScanDisk::rescan(d.index, map));
             }
         }
         if !scans.is_empty() {
@@ -523,15 +518,7 @@ impl Engine {
             .filter(|r| r.host == rinfo.host)
             .map(|r| r.marks)
             .unwrap_or_default();
-        let mut disks = Vec::new();
-        for d in &rinfo.disks {
-            let base = self.load_fitting_map(vm, Copy::Recovery, d.index, d.size, block_size)?;
-            disks.push(data::CaptureDisk {
-                index: d.index,
-                size: d.size,
-                base: base.map(data::Map),
-            });
-        }
+        let disks = self.capture_disks(vm, Copy::Recovery, &rinfo.disks, block_size, true)?;
         let req = data::CaptureReq {
             vm: vm.into(),
             store: store_ref.clone(),
@@ -541,17 +528,8 @@ impl Engine {
             verify,
             crosses_sites: false,
         };
-        let out = self.on_host(
-            run,
-            rhost,
-            || data::DataReq::Capture(req.clone()),
-            |env| data::capture(env, store, &req),
-        )?;
+        let out = self.capture_on(run, rhost, store, &req)?;
         drop(req);
-        if rhost.agent {
-            let _s = tracing::debug_span!("store_refresh").entered();
-            store.refresh()?;
-        }
         let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
         let mut adisks = Vec::new();
         for (d, m) in rinfo.disks.iter().zip(&maps) {
@@ -816,12 +794,7 @@ impl Engine {
                 Some(m) if !disk_consistent && known_host => targets.push(Some(m)),
                 map => {
                     targets.push(map.clone());
-                    scans.push(data::ScanDisk {
-                        index: d.index,
-                        base: map.map(data::Map),
-                        target: None,
-                        skip_unchanged: true,
-                    });
+                    scans.push(data::ScanDisk::rescan(d.index, map));
                 }
             }
         }

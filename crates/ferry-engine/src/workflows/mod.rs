@@ -230,6 +230,55 @@ impl Engine {
         local(&env)
     }
 
+    /// Captures `req.vm`'s disks on `host` into `store` (see [`data::capture`]), in this
+    /// process or on the host's agent; after an agent's capture, `store` learns the packs it
+    /// wrote.
+    pub(super) fn capture_on(
+        &self,
+        run: &JobRun,
+        host: &Host,
+        store: &Arc<Store>,
+        req: &data::CaptureReq,
+    ) -> Result<data::CaptureOut> {
+        let out = self.on_host(
+            run,
+            host,
+            || data::DataReq::Capture(req.clone()),
+            |env| data::capture(env, store, req),
+        )?;
+        if host.agent {
+            store.refresh()?;
+        }
+        Ok(out)
+    }
+
+    /// The disks of a capture of `vm`'s `copy`: each with its saved map when `known` (the
+    /// capture's marks belong to it), else none (every block is read).
+    pub(super) fn capture_disks(
+        &self,
+        vm: &str,
+        copy: Copy,
+        disks: &[ferry_hypervisor::DiskInfo],
+        block_size: u64,
+        known: bool,
+    ) -> Result<Vec<data::CaptureDisk>> {
+        disks
+            .iter()
+            .map(|d| {
+                let base = if known {
+                    self.load_fitting_map(vm, copy, d.index, d.size, block_size)?
+                } else {
+                    None
+                };
+                Ok(data::CaptureDisk {
+                    index: d.index,
+                    size: d.size,
+                    base: base.map(data::Map),
+                })
+            })
+            .collect()
+    }
+
     /// Hashes `disks` of `item`'s VM on `host` (see [`data::scan`]), in this process or on
     /// the host's agent; answers each disk's index with its result.
     pub(super) fn scan_on(

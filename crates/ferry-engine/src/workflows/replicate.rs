@@ -151,24 +151,13 @@ impl Engine {
         let since = known.as_ref().map(|k| k.marks.clone()).unwrap_or_default();
         let total: u64 = info.disks.iter().map(|x| x.size).sum();
         run.begin_step(step, total);
-        let mut disks = Vec::new();
-        for disk in &info.disks {
-            let base = match &known {
-                Some(_) => self.load_fitting_map(
-                    &item.vm,
-                    Copy::Primary,
-                    disk.index,
-                    disk.size,
-                    item.block_size,
-                )?,
-                None => None,
-            };
-            disks.push(data::CaptureDisk {
-                index: disk.index,
-                size: disk.size,
-                base: base.map(data::Map),
-            });
-        }
+        let disks = self.capture_disks(
+            &item.vm,
+            Copy::Primary,
+            &info.disks,
+            item.block_size,
+            known.is_some(),
+        )?;
         let req = data::CaptureReq {
             vm: item.vm.clone(),
             store: self.store_ref(item)?,
@@ -178,16 +167,7 @@ impl Engine {
             verify,
             crosses_sites: true,
         };
-        let out = self.on_host(
-            run,
-            host,
-            || data::DataReq::Capture(req.clone()),
-            |env| data::capture(env, &store, &req),
-        )?;
-        if host.agent {
-            // The agent stored blocks this process has not seen.
-            store.refresh()?;
-        }
+        let out = self.capture_on(run, host, &store, &req)?;
         let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
         for (disk, m) in info.disks.iter().zip(&maps) {
             self.save_map(&item.vm, Copy::Primary, disk.index, m)?;
