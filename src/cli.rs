@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferry_api::*;
 use ferry_engine::Engine;
@@ -99,6 +99,7 @@ impl FailbackFlags {
             host: self.host.clone(),
             create_vm: self.create_vm,
             key: key_arg(&self.key),
+            key_id: key_id_arg(&self.key)?,
             auto_complete: self.auto_complete,
             dry_run: self.dry_run,
             verify: self.verify,
@@ -128,6 +129,18 @@ fn key_arg(key: &Option<PathBuf>) -> Option<String> {
         };
         abs.display().to_string()
     })
+}
+
+/// The id of a `--key FILE`, read here: a control plane whose agents move the data checks it
+/// and never reads the file.
+fn key_id_arg(key: &Option<PathBuf>) -> Result<Option<String>> {
+    key.as_ref()
+        .map(|p| {
+            ferry_store::crypto::Key::load(p)
+                .map(|k| k.id())
+                .with_context(|| format!("--key {}", p.display()))
+        })
+        .transpose()
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -504,9 +517,14 @@ pub enum SiteCmd {
         /// primary or recovery
         #[arg(long, value_parser = ["primary", "recovery"])]
         role: String,
-        /// Store URL: file:///abs/dir (default: <home>/stores/NAME)
+        /// Store URL: file:///abs/dir, az://CONTAINER[/prefix] or s3://BUCKET[/prefix]
+        /// (default: <home>/stores/NAME)
         #[arg(long)]
         store: Option<String>,
+        /// Do not open the store from here to check it: for a control plane (`ferry serve`)
+        /// that has no store credentials because only its agents, with their own, use it
+        #[arg(long)]
+        no_store_check: bool,
     },
     /// List sites.
     List,
@@ -724,12 +742,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("ferry home ready at {}", e.home.display());
             }
         }
-        Cmd::Site(SiteCmd::Add { name, role, store }) => {
+        Cmd::Site(SiteCmd::Add {
+            name,
+            role,
+            store,
+            no_store_check,
+        }) => {
             let role: SiteRole = role.parse().map_err(anyhow::Error::msg)?;
             let s = api(&cli)?.add_site(&SiteAdd {
                 name: name.clone(),
                 role,
                 store: store.clone(),
+                no_store_check: *no_store_check,
             })?;
             if j {
                 output::json(&s)
@@ -888,6 +912,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     retention_s: retention.as_secs(),
                     block_size: *block_size,
                     key: key_arg(key),
+                    key_id: key_id_arg(key)?,
                     data: data.opts(),
                 },
             )?;
@@ -907,6 +932,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let req = ReplicateReq {
                 key: key_arg(key),
+                key_id: key_id_arg(key)?,
                 verify: *verify,
                 data: data.opts(),
             };
@@ -969,6 +995,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     point,
                     host: host.clone(),
                     key: key_arg(key),
+                    key_id: key_id_arg(key)?,
                     data: data.opts(),
                 },
             )?;
@@ -998,6 +1025,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 vm,
                 &CompleteReq {
                     key: key_arg(key),
+                    key_id: key_id_arg(key)?,
                     verify: *verify,
                     data: data.opts(),
                 },
@@ -1087,6 +1115,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &VerifyReq {
                     point: *point,
                     key: key_arg(key),
+                    key_id: key_id_arg(key)?,
                 },
             )?;
             if j {
@@ -1249,6 +1278,7 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
         failback: None,
         verify: false,
         key: None,
+        key_id: None,
         data: DataOpts::default(),
     };
     let (name, req) = match p {
@@ -1299,6 +1329,7 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
                 },
                 host: host.clone(),
                 key: key_arg(key),
+                key_id: key_id_arg(key)?,
                 data: data.opts(),
                 ..base(PlanActionKind::Failover)
             },
@@ -1308,6 +1339,7 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             PlanRunReq {
                 failback: Some(flags.req()?),
                 key: key_arg(&flags.key),
+                key_id: key_id_arg(&flags.key)?,
                 data: flags.data.opts(),
                 ..base(PlanActionKind::Failback)
             },
@@ -1322,6 +1354,7 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             PlanRunReq {
                 verify: *verify,
                 key: key_arg(key),
+                key_id: key_id_arg(key)?,
                 data: data.opts(),
                 ..base(PlanActionKind::Complete)
             },
@@ -1331,6 +1364,7 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             name,
             PlanRunReq {
                 key: key_arg(key),
+                key_id: key_id_arg(key)?,
                 data: data.opts(),
                 ..base(PlanActionKind::ReverseReplicate)
             },

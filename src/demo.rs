@@ -213,8 +213,8 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
         e.set_observer(obs);
     }
     say(&format!("installation in {}", home.display()));
-    e.add_site("onprem", SiteRole::Primary, None)?;
-    e.add_site("cloud", SiteRole::Recovery, None)?;
+    e.add_site("onprem", SiteRole::Primary, None, true)?;
+    e.add_site("cloud", SiteRole::Recovery, None, true)?;
     e.add_host(
         "hv1",
         "onprem",

@@ -234,15 +234,38 @@ impl AgentSites {
             return None;
         }
         let f = Ferry::served();
-        f.start_server_with(&[], &["--agent-timeout", "3s"]);
+        // A cloud store's credentials are the agents' alone: the server runs without them.
+        let server_env: &[(&str, &str)] = match store {
+            Some(_) => &[("AZURE_STORAGE_USE_EMULATOR", "false")],
+            None => &[],
+        };
+        f.start_server_with(server_env, &["--agent-timeout", "3s"]);
         f.ok(&["init"]);
         let dir = tempfile::tempdir().unwrap();
-        let url = match store {
-            Some(u) => u.to_string(),
-            None => format!("file://{}", dir.path().join("dr").display()),
-        };
         f.ok(&["site", "add", "prim", "--role", "primary"]);
-        f.ok(&["site", "add", "dr", "--role", "recovery", "--store", &url]);
+        match store {
+            Some(u) => {
+                let err = f.fail(&["site", "add", "dr", "--role", "recovery", "--store", u]);
+                assert!(
+                    err.contains("--no-store-check"),
+                    "the server cannot open the store and says what to do: {err}"
+                );
+                f.ok(&[
+                    "site",
+                    "add",
+                    "dr",
+                    "--role",
+                    "recovery",
+                    "--store",
+                    u,
+                    "--no-store-check",
+                ]);
+            }
+            None => {
+                let url = format!("file://{}", dir.path().join("dr").display());
+                f.ok(&["site", "add", "dr", "--role", "recovery", "--store", &url]);
+            }
+        }
         let mut me = AgentSites {
             f,
             agents: Vec::new(),
@@ -540,47 +563,75 @@ fn a_server_killed_during_phase_1_through_agents_continues_after_a_restart() {
 }
 
 #[test]
-fn an_encrypted_vm_moves_through_agents_that_hold_its_key_and_an_agent_without_it_is_refused_by_name(
-) {
+fn an_encrypted_vm_moves_through_agents_that_hold_its_key_and_the_control_plane_never_needs_it() {
     let Some(mut s) = AgentSites::start(None) else {
         return;
     };
-    // The key lives outside the server's home (the agents cannot see that).
+    // The keys live outside the server's home (the agents cannot see that).
     let keys = tempfile::tempdir().unwrap();
     let key = keys.path().join("app.key");
     let created = s.f.json(&["key", "new", key.to_str().unwrap()]);
     let key_id = created["id"].as_str().unwrap().to_string();
+    let other = keys.path().join("other.key");
+    s.f.ok(&["key", "new", other.to_str().unwrap()]);
     let v = s.f.json(&[
         "vm", "create", "app", "--host", "h1", "--disk", "4MiB", "--switch", "lan",
     ]);
     let prim = vec![disk_path_of(&v, 0)];
     write_random(&prim[0], 0, 3 * MIB, 731);
     let k = key.to_str().unwrap();
+    // Refused before anything changes: the primary's agent lacks the key.
     let err = s.f.fail(&["protect", "app", "--to", "dr", "--key", k]);
     assert!(
         err.contains("agent of host h1") && err.contains("--key") && err.contains(&key_id),
         "the refusal names the agent, the key and the flag: {err}"
     );
-    let with_key = format!("--key '{}'", key.display());
+    let st = s.f.fail(&["points", "app"]);
+    assert!(st.contains("unprotected"), "nothing changed: {st}");
+    // The agents load the key from their own copy; the control plane is never told where.
+    let agent_key = keys.path().join("agents.key");
+    std::fs::copy(&key, &agent_key).unwrap();
+    let with_key = format!("--key '{}'", agent_key.display());
     s.restart_with("h1", &with_key);
     s.restart_with("r1", &with_key);
     assert_job_state(
         &s.f.json(&["protect", "app", "--to", "dr", "--key", k]),
         "succeeded",
     );
-    assert_job_state(
-        &s.f.json(&["failover", "app", "--planned", "--key", k]),
-        "succeeded",
+    // The operator's copy goes: from here on no key file exists where the control plane
+    // heard of one, and no command passes --key.
+    std::fs::remove_file(&key).unwrap();
+    write_random(&prim[0], MIB, 256 * KIB, 733);
+    assert_job_state(&s.f.json(&["replicate", "app"]), "succeeded");
+    let ver = s.f.json(&["verify", "app"]);
+    assert_eq!(ver["ok"], true, "{ver}");
+    assert!(ver["blocks"].as_u64().unwrap() > 0, "{ver}");
+    let wrong =
+        s.f.fail(&["verify", "app", "--key", other.to_str().unwrap()]);
+    assert!(
+        wrong.contains("wrong key") && wrong.contains(&key_id),
+        "{wrong}"
     );
-    s.f.ok(&["commit", "app"]);
+    // The primary site is lost: an unplanned failover restores the last point on r1, whose
+    // agent reads the point's manifest itself.
+    s.kill("h1");
+    wait_agent(&s.f, "h1", false);
+    assert_job_state(&s.f.json(&["failover", "app", "--unplanned"]), "succeeded");
     let rec = s.f.disk_paths("app", "r1");
     assert_all_identical(&prim, &rec);
+    s.restart_with("h1", &with_key);
+    s.f.ok(&["commit", "app"]);
     write_random(&rec[0], MIB, 512 * KIB, 732);
-    let job =
-        s.f.json(&["failback", "app", "--auto-complete", "--key", k]);
+    let job = s.f.json(&["failback", "app", "--auto-complete"]);
     assert_job_state(&job, "succeeded");
     assert_all_identical(&prim, &rec);
     assert!(job_u64(&job, "bytes_transferred") <= 700 * KIB, "{job}");
+    s.f.ok(&["commit", "app"]);
+    write_random(&prim[0], 2 * MIB, 128 * KIB, 734);
+    assert_job_state(&s.f.json(&["reverse-replicate", "app"]), "succeeded");
+    // The failback point is whole in the store: the newest point verifies on an agent.
+    let ver = s.f.json(&["verify", "app"]);
+    assert_eq!(ver["ok"], true, "{ver}");
 }
 
 #[test]

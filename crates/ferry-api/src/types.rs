@@ -27,6 +27,10 @@ pub struct SiteAdd {
     /// under the home.
     #[serde(default)]
     pub store: Option<String>,
+    /// Do not open the store to check it (the control plane does not reach it: only agents,
+    /// with their own credentials, do).
+    #[serde(default)]
+    pub no_store_check: bool,
 }
 
 /// `ferry host add`.
@@ -191,7 +195,8 @@ pub enum AgentOp {
     /// scan: see docs/agents.md); answers an [`AgentDataReply`]. Progress goes to
     /// `POST /v1/agent/tasks/{id}/progress` while it runs.
     Data {
-        /// The operation (`{"capture"|"apply"|"restore"|"scan": {…}}`) with its maps.
+        /// The operation (`{"capture"|"apply"|"restore"|"scan"|"points"|"check": {…}}`) with
+        /// its maps.
         #[schema(value_type = Object)]
         request: serde_json::Value,
         /// Hash/compress worker threads.
@@ -359,6 +364,10 @@ pub struct ProtectReq {
     /// Key file (a path where the data moves) for encrypted replication.
     #[serde(default)]
     pub key: Option<String>,
+    /// Id of that key, read from the file by the client: a control plane whose agents move
+    /// the data checks it against the VM's and never reads the file.
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// Threads and bandwidth.
     #[serde(default)]
     pub data: DataOpts,
@@ -371,6 +380,10 @@ pub struct ReplicateReq {
     /// Key file (default: the one given to `protect`).
     #[serde(default)]
     pub key: Option<String>,
+    /// Id of that key, read from the file by the client: a control plane whose agents move
+    /// the data checks it against the VM's and never reads the file.
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// Read every block instead of trusting change tracking.
     #[serde(default)]
     pub verify: bool,
@@ -406,6 +419,10 @@ pub struct FailoverReq {
     /// Key file of an encrypted VM.
     #[serde(default)]
     pub key: Option<String>,
+    /// Id of that key, read from the file by the client: a control plane whose agents move
+    /// the data checks it against the VM's and never reads the file.
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// Threads and bandwidth.
     #[serde(default)]
     pub data: DataOpts,
@@ -427,6 +444,10 @@ pub struct FailbackReq {
     /// Key file of an encrypted VM.
     #[serde(default)]
     pub key: Option<String>,
+    /// Id of that key, read from the file by the client: a control plane whose agents move
+    /// the data checks it against the VM's and never reads the file.
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// Run phase 2 right after phase 1.
     #[serde(default)]
     pub auto_complete: bool,
@@ -448,6 +469,10 @@ pub struct CompleteReq {
     /// Key file (default: the one given to `protect`).
     #[serde(default)]
     pub key: Option<String>,
+    /// Id of that key, read from the file by the client: a control plane whose agents move
+    /// the data checks it against the VM's and never reads the file.
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// Read every block and compare hashes after the sync.
     #[serde(default)]
     pub verify: bool,
@@ -466,6 +491,10 @@ pub struct VerifyReq {
     /// Key file of an encrypted VM.
     #[serde(default)]
     pub key: Option<String>,
+    /// Id of that key, read from the file by the client: a control plane whose agents move
+    /// the data checks it against the VM's and never reads the file.
+    #[serde(default)]
+    pub key_id: Option<String>,
 }
 
 /// What a command that runs a job returns: the job (or a dry run's prediction) and the notes
@@ -618,6 +647,10 @@ pub struct PlanRunReq {
     /// Key file of encrypted VMs.
     #[serde(default)]
     pub key: Option<String>,
+    /// Id of that key, read from the file by the client: a control plane whose agents move
+    /// the data checks it against the VM's and never reads the file.
+    #[serde(default)]
+    pub key_id: Option<String>,
     /// Threads and bandwidth.
     #[serde(default)]
     pub data: DataOpts,

@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
-use ferry_blocks::{BlockMap, Hasher, MapJournal};
+use anyhow::{anyhow, bail, Context, Result};
+use ferry_blocks::{BlockDevice, BlockMap, Hasher, MapJournal};
 use ferry_hypervisor::{ChangeMark, Changes, DiskView, Hypervisor, ViewDisk};
-use ferry_store::Store;
+use ferry_store::{encode, PackWriter, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::jobs::JobCtx;
@@ -60,6 +60,19 @@ pub enum DataReq {
     Restore(RestoreReq),
     /// See [`scan`].
     Scan(ScanReq),
+    /// Store work on points (see [`crate::points`]).
+    Points(crate::points::PointsReq),
+    /// Answers whether this host holds the key of `key_id` (before a job changes anything).
+    Check(CheckReq),
+}
+
+/// Does this host hold the key a VM's points are encrypted with?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReq {
+    /// VM name.
+    pub vm: String,
+    /// Key id of its points (None: plaintext, nothing to hold).
+    pub key_id: Option<String>,
 }
 
 impl DataReq {
@@ -70,6 +83,8 @@ impl DataReq {
             DataReq::Apply(r) => &r.vm,
             DataReq::Restore(r) => &r.vm,
             DataReq::Scan(r) => &r.vm,
+            DataReq::Points(r) => &r.vm,
+            DataReq::Check(r) => &r.vm,
         }
     }
 
@@ -79,7 +94,8 @@ impl DataReq {
             DataReq::Capture(r) => Some(&r.store),
             DataReq::Apply(r) => Some(&r.store),
             DataReq::Restore(r) => Some(&r.store),
-            DataReq::Scan(_) => None,
+            DataReq::Points(r) => Some(&r.store),
+            DataReq::Scan(_) | DataReq::Check(_) => None,
         }
     }
 }
@@ -112,6 +128,10 @@ pub struct CaptureReq {
     pub verify: bool,
     /// Count what moves into the store as crossing sites.
     pub crosses_sites: bool,
+    /// Afterwards, store every block of the maps that the store lacks (the VM is stopped and
+    /// its maps become a recovery point; packs of an earlier capture may have been collected).
+    #[serde(default)]
+    pub fill: bool,
 }
 
 /// What a capture found: each disk's map at the view's moment, and the view's marks.
@@ -359,6 +379,9 @@ pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<Ca
         if req.verify {
             check_tracking(env.note, vd, base.as_deref(), &r.map, &host);
         }
+        if req.fill {
+            fill(env.ctx, store, vd.dev.as_ref(), &r.map, &req.vm, disk.index)?;
+        }
         maps.push(Map(r.map));
     }
     let marks = view.marks();
@@ -366,6 +389,43 @@ pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<Ca
         (env.note)(format!("cleaning up the disk snapshot: {e}"));
     }
     Ok(CaptureOut { maps, marks })
+}
+
+/// Stores every block of `map` that `store` lacks, reading it from `dev` (disk `index` of
+/// the stopped recovery VM `vm`) and checking it against the map.
+pub(crate) fn fill(
+    ctx: &JobCtx,
+    store: &Arc<Store>,
+    dev: &dyn BlockDevice,
+    map: &BlockMap,
+    vm: &str,
+    index: u32,
+) -> Result<()> {
+    let missing: Vec<u64> = (0..map.len() as u64)
+        .filter(|&b| {
+            let h = &map.hashes[b as usize];
+            *h != ferry_blocks::ZERO && !store.contains(h)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut w = PackWriter::new(store.clone(), ferry_store::PACK_TARGET);
+    let mut comp = zstd::bulk::Compressor::new(1)?;
+    for b in missing {
+        let r = map.block_range(b);
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        dev.read_at(r.start, &mut buf)?;
+        ctx.add_read(buf.len() as u64);
+        let h = store.hasher().hash(&buf);
+        if h != map.hashes[b as usize] {
+            bail!("recovery disk {index} of VM {vm} changed while stopped (block {b}); re-run `ferry failback {vm}`");
+        }
+        let (f, c) = encode(&mut comp, &buf);
+        w.add(h, &f, c, buf.len() as u32)?;
+    }
+    w.finish()?;
+    Ok(())
 }
 
 /// The journal of apply writes to disk `index` of `vm`, and the file naming the map it
@@ -529,6 +589,11 @@ pub fn run(
         DataReq::Scan(r) => {
             let hasher = Hasher::keyed(want(&r.key_id)?.map(|k| k.block_id_key()));
             serde_json::to_value(scan(env, hasher, r)?)?
+        }
+        DataReq::Points(r) => crate::points::run(&store(), &r.vm, &r.op)?,
+        DataReq::Check(r) => {
+            want(&r.key_id)?;
+            serde_json::Value::Null
         }
     })
 }

@@ -19,6 +19,7 @@ pub mod data;
 pub mod jobs;
 pub mod pipeline;
 pub mod plans;
+pub mod points;
 mod workflows;
 
 pub use jobs::{Cancelled, JobCtx, Observer};
@@ -137,6 +138,7 @@ pub struct Engine {
     observer: Option<Observer>,
     notify: Option<Notify>,
     key_file: Option<PathBuf>,
+    key_id: Option<String>,
     remote: Option<Arc<dyn RemoteHosts>>,
 }
 
@@ -177,6 +179,7 @@ impl Engine {
             observer: None,
             notify: None,
             key_file: None,
+            key_id: None,
             remote: None,
         })
     }
@@ -190,6 +193,7 @@ impl Engine {
             observer: None,
             notify: None,
             key_file: None,
+            key_id: None,
             remote: None,
         };
         e.reconcile()?;
@@ -209,6 +213,22 @@ impl Engine {
     /// The key file the operator passed (`--key`) for the next command.
     pub fn set_key_file(&mut self, p: Option<PathBuf>) {
         self.key_file = p.map(|p| self.abs(&p));
+    }
+
+    /// The key the operator passed (`--key`) for the next command: its file (read only by a
+    /// process that moves the VM's data itself) and its id (read by the client from the file
+    /// on its own machine; without it, the file's).
+    pub fn set_key(&mut self, file: Option<PathBuf>, id: Option<String>) {
+        self.set_key_file(file);
+        self.key_id = id;
+    }
+
+    /// Id of the key the operator passed, if any (from the client, else read from the file).
+    pub(crate) fn operator_key_id(&self) -> Result<Option<String>> {
+        if let Some(id) = &self.key_id {
+            return Ok(Some(id.clone()));
+        }
+        Ok(self.given_key()?.map(|k| k.id()))
     }
 
     /// Loads the key file passed with `--key`, if any.
@@ -250,14 +270,9 @@ impl Engine {
         Ok(Some(key))
     }
 
-    /// Refuses, before anything changes, when the VM's replication is encrypted and `--key`
-    /// was not passed or does not match (failover, failback and verify need the operator's key).
-    pub(crate) fn require_key(&self, vm: &str) -> Result<()> {
-        self.item_key(vm, false).map(|_| ())
-    }
-
-    /// The store namespace of a protected item (opened with its key when encrypted).
-    pub(crate) fn item_store(&self, item: &ProtectedItem) -> Result<Arc<Store>> {
+    /// The store namespace of a protected item opened in this process (with its key when
+    /// encrypted), holding a lease while it lives.
+    pub(crate) fn open_item_store(&self, item: &ProtectedItem) -> Result<Arc<Store>> {
         let key = self.item_key(&item.vm, true)?;
         let s = self.site(&item.recovery_site)?;
         let store = Store::open_with(&s.store, key.as_ref())
@@ -281,8 +296,16 @@ impl Engine {
 
     // ---- inventory ----
 
-    /// Adds a site; the store defaults to a folder under the home.
-    pub fn add_site(&self, name: &str, role: SiteRole, store: Option<String>) -> Result<Site> {
+    /// Adds a site; the store defaults to a folder under the home. A recovery site's store is
+    /// opened once to check it, unless `check_store` is false (a control plane whose agents
+    /// hold the store's credentials: they open it when they first use it).
+    pub fn add_site(
+        &self,
+        name: &str,
+        role: SiteRole,
+        store: Option<String>,
+        check_store: bool,
+    ) -> Result<Site> {
         ferry_model::validate_name("site", name)?;
         let store = match store {
             Some(s) => s,
@@ -291,8 +314,11 @@ impl Engine {
                 self.abs(&self.home.join("stores").join(name)).display()
             ),
         };
-        if role == SiteRole::Recovery {
-            Store::open(&store).with_context(|| format!("site {name}: cannot open its store"))?;
+        ferry_store::backend::check_store_url(&store)?;
+        if role == SiteRole::Recovery && check_store {
+            Store::open(&store).with_context(|| {
+                format!("site {name}: cannot open its store from here (when only ferry agents use it, with their own credentials, add the site with --no-store-check)")
+            })?;
         }
         let site = Site {
             name: name.into(),

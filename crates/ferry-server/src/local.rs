@@ -126,7 +126,11 @@ impl Local {
     }
 
     /// Opens the engine for one operation; notes go to the hook, or into the returned list.
-    fn engine(&self, key: Option<&str>) -> ApiResult<(Engine, Arc<Mutex<Vec<String>>>)> {
+    fn engine(
+        &self,
+        key: Option<&str>,
+        key_id: Option<&str>,
+    ) -> ApiResult<(Engine, Arc<Mutex<Vec<String>>>)> {
         let mut e = Engine::open(&self.home).map_err(refused)?;
         let notes = Arc::new(Mutex::new(Vec::new()));
         match &self.notify {
@@ -144,7 +148,7 @@ impl Local {
         if let Some(h) = &self.hub {
             e.set_remote(Arc::new(crate::agents::Remote(h.clone())));
         }
-        e.set_key_file(key.map(PathBuf::from));
+        e.set_key(key.map(PathBuf::from), key_id.map(String::from));
         Ok((e, notes))
     }
 
@@ -228,7 +232,7 @@ pub fn new_secret() -> String {
 
 impl Api for Local {
     fn info(&self) -> ApiResult<Info> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         Ok(Info {
             home: e.home.display().to_string(),
             vault: e.vault.path().display().to_string(),
@@ -237,18 +241,18 @@ impl Api for Local {
     }
 
     fn sites(&self) -> ApiResult<Vec<Site>> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         e.vault.sites().map_err(vault_err)
     }
 
     fn add_site(&self, req: &SiteAdd) -> ApiResult<Site> {
-        let (e, _) = self.engine(None)?;
-        e.add_site(&req.name, req.role, req.store.clone())
+        let (e, _) = self.engine(None, None)?;
+        e.add_site(&req.name, req.role, req.store.clone(), !req.no_store_check)
             .map_err(refused)
     }
 
     fn hosts(&self) -> ApiResult<Vec<HostView>> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         Ok(e.vault
             .hosts()
             .map_err(vault_err)?
@@ -258,13 +262,13 @@ impl Api for Local {
     }
 
     fn host(&self, name: &str) -> ApiResult<HostView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         let h = e.host(name).map_err(refused)?;
         Ok(self.host_view(&e, &h))
     }
 
     fn add_host(&self, req: &HostAdd) -> ApiResult<HostView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         let h = e
             .add_host(
                 &req.name,
@@ -280,7 +284,7 @@ impl Api for Local {
     }
 
     fn vms(&self) -> ApiResult<Vec<VmView>> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         let mut out = Vec::new();
         for h in e.vault.hosts().map_err(vault_err)? {
             let Ok(d) = e.driver(&h) else { continue };
@@ -295,13 +299,13 @@ impl Api for Local {
     }
 
     fn vm(&self, name: &str, host: Option<&str>) -> ApiResult<VmView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         let (h, info) = e.locate_vm(name, host).map_err(refused)?;
         Ok(vm_view(&h, &info))
     }
 
     fn create_vm(&self, req: &VmCreate) -> ApiResult<VmView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         ferry_model::validate_name("VM", &req.name).map_err(|x| refused(x.into()))?;
         let h = e.host(&req.host).map_err(refused)?;
         let d = e.driver(&h).map_err(refused)?;
@@ -320,7 +324,7 @@ impl Api for Local {
     }
 
     fn set_power(&self, name: &str, req: &VmPower) -> ApiResult<VmView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         let (h, _) = e.locate_vm(name, req.host.as_deref()).map_err(refused)?;
         let d = e.driver(&h).map_err(refused)?;
         let hv = |x: ferry_hypervisor::HvError| refused(x.into());
@@ -337,7 +341,7 @@ impl Api for Local {
     }
 
     fn protect(&self, vm: &str, req: &ProtectReq) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(req.key.as_deref())?;
+        let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let job = e
             .protect(
                 vm,
@@ -352,7 +356,7 @@ impl Api for Local {
     }
 
     fn replicate(&self, vm: &str, req: &ReplicateReq) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(req.key.as_deref())?;
+        let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let job = e
             .replicate(vm, opts(&req.data), req.verify)
             .map_err(refused)?;
@@ -360,7 +364,7 @@ impl Api for Local {
     }
 
     fn reverse_replicate(&self, vm: &str, req: &ReplicateReq) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(req.key.as_deref())?;
+        let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let job = e
             .reverse_replicate(vm, opts(&req.data), req.verify)
             .map_err(refused)?;
@@ -368,13 +372,13 @@ impl Api for Local {
     }
 
     fn points(&self, vm: &str) -> ApiResult<Vec<RecoveryPoint>> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         e.item(vm).map_err(refused)?;
         e.vault.points(vm).map_err(vault_err)
     }
 
     fn failover(&self, vm: &str, req: &FailoverReq) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(req.key.as_deref())?;
+        let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let job = e
             .failover(
                 vm,
@@ -388,7 +392,7 @@ impl Api for Local {
     }
 
     fn failback(&self, vm: &str, req: &FailbackReq) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(req.key.as_deref())?;
+        let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let o = failback_opts(req);
         let (job, dry_run) = e.failback(vm, &o).map_err(refused)?;
         let messages = std::mem::take(&mut *notes.lock().unwrap());
@@ -400,7 +404,7 @@ impl Api for Local {
     }
 
     fn complete(&self, vm: &str, req: &CompleteReq) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(req.key.as_deref())?;
+        let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let job = e
             .complete(vm, opts(&req.data), req.verify)
             .map_err(refused)?;
@@ -408,24 +412,24 @@ impl Api for Local {
     }
 
     fn cancel(&self, vm: &str) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(None)?;
+        let (e, notes) = self.engine(None, None)?;
         let job = e.cancel(vm).map_err(refused)?;
         Ok(Self::reply(job, &notes))
     }
 
     fn commit(&self, vm: &str) -> ApiResult<RunReply> {
-        let (e, notes) = self.engine(None)?;
+        let (e, notes) = self.engine(None, None)?;
         let job = e.commit(vm).map_err(refused)?;
         Ok(Self::reply(job, &notes))
     }
 
     fn verify(&self, vm: &str, req: &VerifyReq) -> ApiResult<VerifyReport> {
-        let (e, _) = self.engine(req.key.as_deref())?;
+        let (e, _) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         e.verify(vm, req.point).map_err(refused)
     }
 
     fn status(&self, vm: &str) -> ApiResult<StatusView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         match e.vault.item(vm).map_err(vault_err)? {
             Some(_) => self.status_of(&e, vm),
             None => {
@@ -442,7 +446,7 @@ impl Api for Local {
     }
 
     fn statuses(&self) -> ApiResult<Vec<StatusView>> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         e.vault
             .items()
             .map_err(vault_err)?
@@ -452,12 +456,12 @@ impl Api for Local {
     }
 
     fn jobs(&self, all: bool) -> ApiResult<Vec<Job>> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         e.vault.jobs(all).map_err(vault_err)
     }
 
     fn job(&self, id: i64) -> ApiResult<Job> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         e.vault.job(id).map_err(vault_err)?.ok_or_else(|| {
             ApiError::refused(format!("no job {id}; list jobs with `ferry jobs --all`"))
         })
@@ -476,7 +480,7 @@ impl Api for Local {
     }
 
     fn create_plan(&self, req: &PlanCreate) -> ApiResult<PlanView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         let groups = e
             .create_plan(&req.name, req.groups.clone())
             .map_err(refused)?;
@@ -487,7 +491,7 @@ impl Api for Local {
     }
 
     fn plan(&self, name: &str) -> ApiResult<PlanView> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         Ok(PlanView {
             name: name.into(),
             groups: e.plan(name).map_err(refused)?,
@@ -496,7 +500,7 @@ impl Api for Local {
 
     fn run_plan(&self, name: &str, req: &PlanRunReq) -> ApiResult<PlanRun> {
         use ferry_engine::PlanAction;
-        let (e, _) = self.engine(req.key.as_deref())?;
+        let (e, _) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let action = match req.action {
             PlanActionKind::Failover => PlanAction::Failover {
                 mode: req.mode,
@@ -513,7 +517,7 @@ impl Api for Local {
     }
 
     fn token_new(&self, req: &TokenNew) -> ApiResult<TokenCreated> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         ferry_model::validate_name("token", &req.name).map_err(|x| refused(x.into()))?;
         match (req.role, &req.host) {
             (ferry_model::Role::Agent, None) => {
@@ -552,12 +556,12 @@ impl Api for Local {
     }
 
     fn tokens(&self) -> ApiResult<Vec<TokenInfo>> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         e.vault.tokens().map_err(vault_err)
     }
 
     fn token_revoke(&self, name: &str) -> ApiResult<TokenInfo> {
-        let (e, _) = self.engine(None)?;
+        let (e, _) = self.engine(None, None)?;
         e.vault
             .delete_token(name)
             .map_err(vault_err)?

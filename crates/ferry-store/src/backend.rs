@@ -49,6 +49,25 @@ const CREDENTIAL_TIMEOUT: Duration = Duration::from_secs(15);
 const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
 const EMULATOR_URL: &str = "http://127.0.0.1:10000";
 
+/// Checks that `url` is a store URL ferry understands (scheme, absolute folder, container or
+/// bucket name) without reaching the store.
+pub fn check_store_url(url: &str) -> Result<()> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return if path.starts_with('/') {
+            Ok(())
+        } else {
+            Err(StoreError::Url(url.into()))
+        };
+    }
+    if let Some(rest) = url.strip_prefix("az://") {
+        return split_name(url, rest, check_container_name).map(|_| ());
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        return split_name(url, rest, check_bucket_name).map(|_| ());
+    }
+    Err(StoreError::Url(url.into()))
+}
+
 /// Opens the object store behind `url`, creating the folder, container or bucket if missing.
 ///
 /// `file:///abs/dir` is a local folder; `az://CONTAINER[/prefix]` Azure Blob (or Azurite);
@@ -837,6 +856,16 @@ impl ObjectStore for Hinted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_url_is_checked_without_reaching_the_store() {
+        assert!(check_store_url("file:///srv/ferry").is_ok());
+        assert!(check_store_url("az://ferry-replicas/dr").is_ok());
+        assert!(check_store_url("s3://ferry-replicas").is_ok());
+        assert!(check_store_url("file://relative").is_err());
+        assert!(check_store_url("az://Bad_Name").is_err());
+        assert!(check_store_url("gs://bucket").is_err());
+    }
 
     #[test]
     fn names_are_checked_before_any_request() {

@@ -102,10 +102,18 @@ impl Engine {
 
     // ---- points / verify ----
 
-    /// Reads back every block of a point and checks it against its hash.
+    /// Reads back every block of a point and checks it against its hash: in this process,
+    /// or on an agent host of the VM (its recovery host first) when they are all agent hosts.
     pub fn verify(&self, vm: &str, point: Option<i64>) -> Result<VerifyReport> {
         let item = self.item(vm)?;
-        self.require_key(vm)?;
+        let mut hosts = Vec::new();
+        for h in item.recovery_host.iter().chain([&item.primary_host]) {
+            hosts.push(self.host(h)?);
+        }
+        let hosts: Vec<&Host> = hosts.iter().collect();
+        let store = self.item_store(&item, &hosts)?;
+        let at: Vec<&Host> = store.agent().into_iter().collect();
+        self.require_key(vm, &at)?;
         let p = match point {
             Some(id) => self
                 .vault
@@ -123,34 +131,9 @@ impl Engine {
                 .next()
                 .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet"))?,
         };
-        let store = self.item_store(&item)?;
-        let m = store
-            .get_manifest(&p.manifest)
-            .with_context(|| format!("point {}: manifest unreadable", p.id))?;
-        let (mut blocks, mut bytes) = (0u64, 0u64);
-        for (di, d) in m.disks.iter().enumerate() {
-            let data_blocks: Vec<usize> = (0..d.hashes.len())
-                .filter(|&b| d.hashes[b] != ZERO)
-                .collect();
-            // Groups of blocks share coalesced ranged reads; a failing group is re-read block by
-            // block so the error names the exact block.
-            for group in data_blocks.chunks(256) {
-                let hashes: Vec<_> = group.iter().map(|&b| d.hashes[b]).collect();
-                let datas = match store.read_blocks(&hashes) {
-                    Ok(v) => v,
-                    Err(_) => group
-                        .iter()
-                        .map(|&bi| {
-                            store
-                                .read_block(&d.hashes[bi])
-                                .with_context(|| format!("point {}, disk {di}, block {bi}", p.id))
-                        })
-                        .collect::<Result<Vec<_>>>()?,
-                };
-                blocks += datas.len() as u64;
-                bytes += datas.iter().map(|x| x.len() as u64).sum::<u64>();
-            }
-        }
+        let ctx = JobCtx::new(1, None);
+        let out = store.verify(&ctx, &|_| {}, &p.manifest, p.id)?;
+        let (blocks, bytes) = (out.blocks, out.bytes);
         Ok(VerifyReport {
             vm: vm.into(),
             point: p.id,

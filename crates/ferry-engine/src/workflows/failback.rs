@@ -8,7 +8,6 @@ impl Engine {
     pub fn failback(&self, vm: &str, o: &FailbackOpts) -> Result<(Option<Job>, Option<DryRun>)> {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
-        self.require_key(vm)?;
         let resuming = matches!(
             item.state,
             ItemState::FailbackReady | ItemState::FailbackInterrupted
@@ -75,6 +74,7 @@ impl Engine {
         let rhost = self.host(&rhost_name)?;
         let rd = self.driver(&rhost)?;
         rd.check_connected()?;
+        self.require_key(vm, &[&rhost, &thost])?;
         let rinfo = rd.get_vm(vm)?.ok_or_else(|| {
             anyhow!(
                 "the recovery VM {vm} no longer exists on host {}; it cannot be failed back",
@@ -415,18 +415,21 @@ impl Engine {
     /// Moves every differing block of the recovery disks to the target disks (journaled),
     /// reading from a point-in-time view of the recovery VM only what change tracking says
     /// changed since the recovery copy's marks (everything with `verify` or when it cannot
-    /// tell). Saves the recovery maps and marks of the view's moment; returns the maps.
+    /// tell). Saves the recovery maps and marks of the view's moment; returns the maps. With
+    /// `fill` (the recovery VM is stopped: its maps become the failback point), every block
+    /// of the maps is in the store afterwards.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sync_disks(
         &self,
         run: &JobRun,
         vm: &str,
         block_size: u64,
-        store: &Arc<Store>,
+        store: &ItemStore<'_>,
         td: &dyn Hypervisor,
         rd: &dyn Hypervisor,
         rinfo: &VmInfo,
         verify: bool,
+        fill: bool,
     ) -> Result<Vec<BlockMap>> {
         if td.host().agent || rd.host().agent {
             return self.sync_via_store(
@@ -438,8 +441,10 @@ impl Engine {
                 rd.host(),
                 rinfo,
                 verify,
+                fill,
             );
         }
+        let local = store.local()?;
         let since = self
             .extra(vm)?
             .recovery
@@ -465,8 +470,8 @@ impl Engine {
                     src: vd.dev.as_ref(),
                     block_size,
                     target: Arc::new(target),
-                    store: Some(store.clone()),
-                    hasher: store.hasher(),
+                    store: Some(local.clone()),
+                    hasher: local.hasher(),
                     write: Some((dst.as_ref(), &mut journal)),
                     crosses_sites: true,
                     known: ks,
@@ -490,6 +495,9 @@ impl Engine {
         });
         self.set_extra(vm, &ex)?;
         close_view(run, view);
+        if fill {
+            self.fill_store(run, local, rd, vm, &maps)?;
+        }
         Ok(maps)
     }
 
@@ -503,11 +511,12 @@ impl Engine {
         run: &JobRun,
         vm: &str,
         block_size: u64,
-        store: &Arc<Store>,
+        store: &ItemStore<'_>,
         thost: &Host,
         rhost: &Host,
         rinfo: &VmInfo,
         verify: bool,
+        fill: bool,
     ) -> Result<Vec<BlockMap>> {
         let _span = tracing::debug_span!("sync_via_store").entered();
         let item = self.item(vm)?;
@@ -527,6 +536,7 @@ impl Engine {
             disks,
             verify,
             crosses_sites: false,
+            fill,
         };
         let out = self.capture_on(run, rhost, store, &req)?;
         drop(req);
@@ -562,7 +572,7 @@ impl Engine {
                 run,
                 thost,
                 || data::DataReq::Apply(areq.clone()),
-                |env| data::apply(env, store, &areq),
+                |env| data::apply(env, store.local()?, &areq),
             )?;
         }
         // The target holds the maps now (its host's journal covered the writes until here).
@@ -594,10 +604,20 @@ impl Engine {
         verify: bool,
     ) -> Result<()> {
         let vm = &item.vm;
-        let store = self.item_store(item)?;
+        let store = self.item_store(item, &[rd.host(), td.host()])?;
         let total: u64 = rinfo.disks.iter().map(|d| d.size).sum();
         run.begin_step("sync disks (phase 1)", total);
-        self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo, verify)?;
+        self.sync_disks(
+            run,
+            vm,
+            item.block_size,
+            &store,
+            td,
+            rd,
+            rinfo,
+            verify,
+            false,
+        )?;
         params.rounds += 1;
         self.save_params(run, params)?;
         run.end_step();
@@ -617,7 +637,7 @@ impl Engine {
     ) -> Result<()> {
         let vm = &rinfo.name;
         let item = self.item(vm)?;
-        let store = self.item_store(&item)?;
+        let store = self.item_store(&item, &[rd.host(), td.host()])?;
         run.begin_step("stop recovery VM", 0);
         let was_running = rd.get_vm(vm)?.map(|v| v.power) == Some(Power::Running);
         let down = Instant::now();
@@ -633,14 +653,20 @@ impl Engine {
         };
         // After phase 1, change tracking leaves only the final delta to read.
         run.begin_step(step, rinfo.disks.iter().map(|d| d.size).sum());
-        let maps = self.sync_disks(run, vm, item.block_size, &store, td, rd, rinfo, verify)?;
+        // The failback point is what the primary now holds: complete in the store (`fill`)
+        // so reverse replication sends only later changes.
+        let maps = self.sync_disks(
+            run,
+            vm,
+            item.block_size,
+            &store,
+            td,
+            rd,
+            rinfo,
+            verify,
+            true,
+        )?;
         run.end_step();
-        // The failback point: what the primary now holds, complete in the store so reverse
-        // replication sends only later changes.
-        // (Through agents the recovery host's capture already stored every block.)
-        if !td.host().agent && !rd.host().agent {
-            self.fill_store(run, &store, rd, vm, &maps)?;
-        }
         if verify {
             let disks = maps
                 .iter()
@@ -674,14 +700,7 @@ impl Engine {
         for i in 0..maps.len() as u32 {
             td.set_disk_consistent(vm, i, true)?;
         }
-        self.record_point(
-            &store,
-            vm,
-            Manifest {
-                disks: maps.clone(),
-            },
-            PointKind::Failback,
-        )?;
+        self.record_point(run, &store, vm, maps.clone(), PointKind::Failback)?;
         let mut it = self.item(vm)?;
         it.primary_host = thost.name.clone();
         self.vault.update_item(&it)?;
@@ -710,30 +729,10 @@ impl Engine {
         maps: &[BlockMap],
     ) -> Result<()> {
         let _span = tracing::debug_span!("fill_store").entered();
-        let mut w = PackWriter::new(store.clone(), ferry_store::PACK_TARGET);
-        let mut comp = zstd::bulk::Compressor::new(1)?;
         for (i, m) in maps.iter().enumerate() {
-            let missing: Vec<u64> = (0..m.len() as u64)
-                .filter(|&b| m.hashes[b as usize] != ZERO && !store.contains(&m.hashes[b as usize]))
-                .collect();
-            if missing.is_empty() {
-                continue;
-            }
             let dev = rd.open_disk(vm, i as u32, false)?;
-            for b in missing {
-                let r = m.block_range(b);
-                let mut buf = vec![0u8; (r.end - r.start) as usize];
-                dev.read_at(r.start, &mut buf)?;
-                run.ctx.add_read(buf.len() as u64);
-                let h = store.hasher().hash(&buf);
-                if h != m.hashes[b as usize] {
-                    bail!("recovery disk {i} of VM {vm} changed while stopped (block {b}); re-run `ferry failback {vm}`");
-                }
-                let (f, c) = encode(&mut comp, &buf);
-                w.add(h, &f, c, buf.len() as u32)?;
-            }
+            data::fill(&run.ctx, store, dev.as_ref(), m, vm, i as u32)?;
         }
-        w.finish()?;
         Ok(())
     }
 

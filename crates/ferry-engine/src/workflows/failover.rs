@@ -15,7 +15,6 @@ impl Engine {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
         let next = begin(vm, item.state, Command::Failover)?;
-        self.require_key(vm)?;
         let rhost = match host {
             Some(h) => self.host(h)?,
             None => self
@@ -37,6 +36,8 @@ impl Engine {
         rd.check_connected()?;
         let phost = self.host(&item.primary_host)?;
         let pd = self.driver(&phost)?;
+        // The recovery host restores; a planned failover also captures on the primary.
+        self.require_key(vm, &[&rhost, &phost])?;
         let extra = self.extra(vm)?;
         // The shape of the VM to create: from the primary copy if reachable, else from the point.
         let pinfo = match mode {
@@ -87,7 +88,8 @@ impl Engine {
         };
         let nics = shape.nics.clone();
         rd.check_switches(&nics)?;
-        let store = self.item_store(&item)?;
+        let store = self.item_store(&item, &[&rhost, &phost])?;
+        store.check()?;
         let names: Vec<&str> = match mode {
             FailoverMode::Planned => vec![
                 "stop primary VM",
@@ -124,7 +126,9 @@ impl Engine {
                         self.replicate_copy(&run, &item, &phost, "replicate final changes", false)?
                     }
                 };
-                let manifest = store.get_manifest(&point.manifest)?;
+                let manifest = Manifest {
+                    disks: store.get_point(&run.ctx, &|n| run.note(n), &point.manifest)?,
+                };
                 run.begin_step("create recovery VM", 0);
                 let mut ex = self.extra(vm)?;
                 ex.failover_partial = Some(rhost.name.clone());
@@ -164,7 +168,7 @@ impl Engine {
                             // The primary's agent stored the last blocks.
                             store.refresh()?;
                         }
-                        data::restore(env, &store, &req)
+                        data::restore(env, store.local()?, &req)
                     },
                 )?;
                 for (i, m) in manifest.disks.iter().enumerate() {

@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use ferry_blocks::{BlockMap, Manifest, MapJournal, ZERO};
+use anyhow::{anyhow, bail, Result};
+use ferry_blocks::{BlockMap, Manifest, MapJournal};
 use ferry_hypervisor::{DiskView, Hypervisor, Power, VmInfo, VmSpec};
 use ferry_model::{
     begin, finish, Command, Host, ItemState, Job, JobKind, JobState, Outcome, PointKind,
     ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
 };
-use ferry_store::{encode, PackWriter, Store};
+use ferry_store::Store;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -22,7 +22,10 @@ use crate::{Copy, CopyState, Engine, ItemExtra};
 mod control;
 mod failback;
 mod failover;
+mod item_store;
 mod replicate;
+
+use item_store::ItemStore;
 
 /// Resources a data-moving command may use.
 #[derive(Debug, Clone, Copy)]
@@ -206,13 +209,7 @@ impl Engine {
     ) -> Result<T> {
         let note = |m: String| run.note(m);
         if host.agent {
-            let r = self.remote.as_ref().ok_or_else(|| {
-                anyhow!(
-                    "host {} is served by a ferry agent; run this command against the control plane it reports to (`--server URL`, or FERRY_SERVER)",
-                    host.name
-                )
-            })?;
-            let v = r.data(host, &remote(), &run.ctx, &note)?;
+            let v = self.remote_data(&run.ctx, &note, host, &remote())?;
             return serde_json::from_value(v).map_err(|e| {
                 anyhow!(
                     "host {}: its agent answered in a form this control plane cannot read ({e}); run the same ferry version on both",
@@ -230,6 +227,23 @@ impl Engine {
         local(&env)
     }
 
+    /// Sends `req` to agent host `host` and answers its result (see [`crate::RemoteHosts`]).
+    pub(super) fn remote_data(
+        &self,
+        ctx: &JobCtx,
+        note: &(dyn Fn(String) + Sync),
+        host: &Host,
+        req: &data::DataReq,
+    ) -> Result<serde_json::Value> {
+        let r = self.remote.as_ref().ok_or_else(|| {
+            anyhow!(
+                "host {} is served by a ferry agent; run this command against the control plane it reports to (`--server URL`, or FERRY_SERVER)",
+                host.name
+            )
+        })?;
+        r.data(host, req, ctx, note)
+    }
+
     /// Captures `req.vm`'s disks on `host` into `store` (see [`data::capture`]), in this
     /// process or on the host's agent; after an agent's capture, `store` learns the packs it
     /// wrote.
@@ -237,14 +251,14 @@ impl Engine {
         &self,
         run: &JobRun,
         host: &Host,
-        store: &Arc<Store>,
+        store: &ItemStore<'_>,
         req: &data::CaptureReq,
     ) -> Result<data::CaptureOut> {
         let out = self.on_host(
             run,
             host,
             || data::DataReq::Capture(req.clone()),
-            |env| data::capture(env, store, req),
+            |env| data::capture(env, store.local()?, req),
         )?;
         if host.agent {
             store.refresh()?;
@@ -296,12 +310,11 @@ impl Engine {
             since,
             disks,
         };
-        let hasher = self.item_hasher(&item.vm)?;
         let out: data::ScanOut = self.on_host(
             run,
             host,
             || data::DataReq::Scan(req.clone()),
-            |env| data::scan(env, hasher, &req),
+            |env| data::scan(env, self.item_hasher(&item.vm)?, &req),
         )?;
         Ok(req.disks.iter().map(|d| d.index).zip(out.disks).collect())
     }

@@ -37,7 +37,24 @@ impl Engine {
             );
         }
         check_formats(&info, self.driver(&h)?.as_ref())?;
-        self.store(site)?;
+        if !h.agent {
+            self.store(site)?;
+        }
+        // The key's id is recorded; its file is read only where the data moves (here, or on
+        // the host's agent, which is asked before anything changes).
+        let key_id = self.operator_key_id()?;
+        if let Some(id) = &key_id {
+            if h.agent {
+                let ctx = JobCtx::new(1, None);
+                let req = data::DataReq::Check(data::CheckReq {
+                    vm: vm.into(),
+                    key_id: Some(id.clone()),
+                });
+                self.remote_data(&ctx, &|_| {}, &h, &req)?;
+            } else {
+                self.given_key()?;
+            }
+        }
         let mut item = ProtectedItem {
             vm: vm.into(),
             primary_host: host.name.clone(),
@@ -55,12 +72,11 @@ impl Engine {
         } else {
             self.vault.add_item(&item)?;
         }
-        let key = self.given_key()?;
         self.set_extra(
             vm,
             &ItemExtra {
-                key_id: key.as_ref().map(|k| k.id()),
-                key_file: key.as_ref().and(self.key_file.clone()),
+                key_id: key_id.clone(),
+                key_file: key_id.as_ref().and(self.key_file.clone()),
                 vm_spec: Some(VmSpec::like(&info).into()),
                 ..Default::default()
             },
@@ -108,7 +124,7 @@ impl Engine {
         let next = begin(vm, item.state, Command::ReverseReplicate)?;
         let host = self.host(&item.primary_host)?;
         self.driver(&host)?.check_connected()?;
-        self.item_store(&item)?;
+        self.item_store(&item, &[&host])?.check()?;
         let run = self.new_job(
             JobKind::ReverseReplicate,
             vm,
@@ -145,7 +161,7 @@ impl Engine {
             .get_vm(&item.vm)?
             .ok_or_else(|| anyhow!("VM {} no longer exists on host {}", item.vm, host.name))?;
         check_formats(&info, d.as_ref())?;
-        let store = self.item_store(item)?;
+        let store = self.item_store(item, &[host])?;
         let mut extra = self.extra(&item.vm)?;
         let known = extra.primary.clone().filter(|p| p.host == host.name);
         let since = known.as_ref().map(|k| k.marks.clone()).unwrap_or_default();
@@ -166,6 +182,7 @@ impl Engine {
             disks,
             verify,
             crosses_sites: true,
+            fill: false,
         };
         let out = self.capture_on(run, host, &store, &req)?;
         let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
@@ -178,27 +195,24 @@ impl Engine {
         });
         extra.vm_spec = Some(VmSpec::like(&info).into());
         self.set_extra(&item.vm, &extra)?;
-        let point = self.record_point(
-            &store,
-            &item.vm,
-            Manifest { disks: maps },
-            PointKind::Replication,
-        )?;
-        self.apply_retention(&store, item)?;
+        let point = self.record_point(run, &store, &item.vm, maps, PointKind::Replication)?;
+        self.apply_retention(run, &store, item)?;
         run.end_step();
         Ok(point)
     }
 
     pub(super) fn record_point(
         &self,
-        store: &Store,
+        run: &JobRun,
+        store: &ItemStore<'_>,
         vm: &str,
-        m: Manifest,
+        maps: Vec<BlockMap>,
         kind: PointKind,
     ) -> Result<RecoveryPoint> {
         let _span = tracing::debug_span!("record_point").entered();
         let id = self.vault.next_point_id()?;
-        let key = store.put_manifest(vm, id, &m)?;
+        let key = store.put_point(&run.ctx, &|n| run.note(n), id, &maps)?;
+        let m = Manifest { disks: maps };
         let p = RecoveryPoint {
             id,
             vm: vm.into(),
@@ -214,7 +228,12 @@ impl Engine {
 
     /// Deletes points older than the retention (always keeping the newest) and collects packs
     /// nothing references any more.
-    pub(super) fn apply_retention(&self, store: &Store, item: &ProtectedItem) -> Result<()> {
+    pub(super) fn apply_retention(
+        &self,
+        run: &JobRun,
+        store: &ItemStore<'_>,
+        item: &ProtectedItem,
+    ) -> Result<()> {
         let points = self.vault.points(&item.vm)?;
         let cutoff = now_secs() - item.retention_secs as i64;
         let expired: Vec<_> = points
@@ -225,7 +244,8 @@ impl Engine {
         if expired.is_empty() {
             return Ok(());
         }
-        if store.others_active()? {
+        let note = |n: String| run.note(n);
+        if store.busy(&run.ctx, &note)? {
             // Another job may be reading one of these points or writing packs: try next cycle.
             self.vault.event(
                 Some(&item.vm),
@@ -234,14 +254,15 @@ impl Engine {
             )?;
             return Ok(());
         }
-        for p in expired {
-            // Forget the point first: a crash in between leaves an orphan manifest, never a
-            // listed point that cannot be restored.
+        // Forget the points first: a crash in between leaves orphan manifests, never a
+        // listed point that cannot be restored.
+        for p in &expired {
             self.vault.delete_point(p.id)?;
-            store.delete_manifest(&p.manifest)?;
         }
+        let manifests = expired.iter().map(|p| p.manifest.clone()).collect();
         // Leases keep running jobs safe; the grace period is a second line of defence.
-        if let Err(e) = store.collect_garbage(Duration::from_secs(900)) {
+        let out = store.prune(&run.ctx, &note, manifests, Duration::from_secs(900))?;
+        if let Some(e) = out.gc_error {
             self.vault.event(
                 Some(&item.vm),
                 None,
