@@ -676,6 +676,94 @@ fn a_failback_waiting_for_a_dead_agent_can_be_cancelled_and_its_disk_stays_incon
 }
 
 #[test]
+fn packs_lost_while_a_failback_waits_are_stored_again_and_the_failback_point_is_whole() {
+    let Some(s) = AgentSites::start(None) else {
+        return;
+    };
+    let (prim, rec) = s.failed_over("8MiB", 6 * MIB, 761);
+    write_random(&rec[0], MIB, 512 * KIB, 762);
+    // Past the dir driver's racy-stamp window, so phase 2's change tracking trusts phase 1's
+    // maps and reads nothing that did not change, unless the store lacks it.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_job_state(&s.f.json(&["failback", "app"]), "waiting");
+    // While the failback waits, every pack of the store goes (a garbage collection of
+    // another VM's retention, or an operator's mistake): what phase 1 captured, and the
+    // blocks of every earlier point.
+    let store = s._store.as_ref().unwrap().path().join("dr");
+    for d in ["packs", "index"] {
+        let dir = store.join(d);
+        let n = std::fs::read_dir(&dir).unwrap().count();
+        assert!(n > 0, "{} holds packs", dir.display());
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    let done = s.f.json(&["complete", "app"]);
+    assert_job_state(&done, "succeeded");
+    assert_all_identical(&prim, &rec);
+    // The recovery agent's last capture stored every block of the failback point again.
+    let ver = s.f.json(&["verify", "app"]);
+    assert_eq!(ver["ok"], true, "{ver}");
+    assert!(ver["bytes"].as_u64().unwrap() >= 6 * MIB, "{ver}");
+    s.f.ok(&["commit", "app"]);
+    write_random(&prim[0], 2 * MIB, 128 * KIB, 764);
+    assert_job_state(&s.f.json(&["reverse-replicate", "app"]), "succeeded");
+    assert_eq!(s.f.json(&["verify", "app"])["ok"], true);
+}
+
+#[test]
+fn a_recovery_plan_runs_through_agents_group_by_group_and_the_primary_site_can_be_lost() {
+    let Some(mut s) = AgentSites::start(None) else {
+        return;
+    };
+    let mut prim = Vec::new();
+    for (i, vm) in ["db", "web"].iter().enumerate() {
+        let v = s.f.json(&[
+            "vm", "create", vm, "--host", "h1", "--disk", "4MiB", "--switch", "lan",
+        ]);
+        let p = disk_path_of(&v, 0);
+        write_random(&p, 0, 2 * MIB, 770 + i as u64);
+        s.f.ok(&["protect", vm, "--to", "dr"]);
+        prim.push(p);
+    }
+    s.f.ok(&["plan", "create", "shop", "--group", "db", "--group", "web"]);
+    // The primary site is lost: an unplanned plan failover brings the groups up in order.
+    s.kill("h1");
+    wait_agent(&s.f, "h1", false);
+    let err = s.f.fail(&["plan", "failover", "shop", "--planned"]);
+    assert!(err.contains("h1"), "a planned failover names the lost host: {err}");
+    let run = s.f.json(&["plan", "failover", "shop", "--unplanned"]);
+    let ids: Vec<u64> = run["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| job_id(&g[0]["job"]))
+        .collect();
+    assert!(ids[0] < ids[1], "db came up before web: {run}");
+    for (i, vm) in ["db", "web"].iter().enumerate() {
+        s.f.assert_state(vm, "failover_commit_pending");
+        assert_eq!(s.f.power(vm, Some("r1")), "running");
+        assert_all_identical(&[prim[i].clone()], &s.f.disk_paths(vm, "r1"));
+    }
+    s.f.json(&["plan", "commit", "shop"]);
+    s.restart("h1");
+    for vm in ["db", "web"] {
+        write_random(&s.f.disk_paths(vm, "r1")[0], MIB, 256 * KIB, 780);
+    }
+    let done = s.f.json(&["plan", "failback", "shop", "--auto-complete"]);
+    assert_eq!(done["groups"].as_array().unwrap().len(), 2, "{done}");
+    for (i, vm) in ["db", "web"].iter().enumerate() {
+        s.f.assert_state(vm, "failback_commit_pending");
+        assert_eq!(s.f.power(vm, Some("h1")), "running");
+        assert_all_identical(&[prim[i].clone()], &s.f.disk_paths(vm, "r1"));
+    }
+    s.f.json(&["plan", "commit", "shop"]);
+    s.f.json(&["plan", "reverse-replicate", "shop"]);
+    for vm in ["db", "web"] {
+        s.f.assert_state(vm, "protected");
+    }
+}
+
+#[test]
 fn a_failback_through_agents_can_create_the_vm_on_another_primary_host() {
     let Some(mut s) = AgentSites::start(None) else {
         return;

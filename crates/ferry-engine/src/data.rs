@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
-use ferry_blocks::{BlockDevice, BlockMap, Hasher, MapJournal};
+use anyhow::{anyhow, Context, Result};
+use ferry_blocks::{BlockMap, Hasher, MapJournal};
 use ferry_hypervisor::{ChangeMark, Changes, DiskView, Hypervisor, ViewDisk};
-use ferry_store::{encode, PackWriter, Store};
+use ferry_store::Store;
 use serde::{Deserialize, Serialize};
 
 use crate::jobs::JobCtx;
@@ -128,10 +128,6 @@ pub struct CaptureReq {
     pub verify: bool,
     /// Count what moves into the store as crossing sites.
     pub crosses_sites: bool,
-    /// Afterwards, store every block of the maps that the store lacks (the VM is stopped and
-    /// its maps become a recovery point; packs of an earlier capture may have been collected).
-    #[serde(default)]
-    pub fill: bool,
 }
 
 /// What a capture found: each disk's map at the view's moment, and the view's marks.
@@ -347,8 +343,9 @@ pub(crate) fn check_tracking(
 }
 
 /// Opens a point-in-time view of `req.vm`'s disks, reads what change tracking says changed
-/// since `req.since` (every block when it cannot tell, or with `verify`), stores every block
-/// the store lacks, and returns the maps and the view's marks. The view is closed with its
+/// since `req.since` (every block when it cannot tell, or with `verify`) and every unchanged
+/// block the store lacks (a point never refers to a block the store lost), stores them, and
+/// returns the maps and the view's marks. The view is closed with its
 /// marks kept: the caller records them next.
 pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<CaptureOut> {
     let _span = tracing::debug_span!("capture").entered();
@@ -379,9 +376,6 @@ pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<Ca
         if req.verify {
             check_tracking(env.note, vd, base.as_deref(), &r.map, &host);
         }
-        if req.fill {
-            fill(env.ctx, store, vd.dev.as_ref(), &r.map, &req.vm, disk.index)?;
-        }
         maps.push(Map(r.map));
     }
     let marks = view.marks();
@@ -389,43 +383,6 @@ pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<Ca
         (env.note)(format!("cleaning up the disk snapshot: {e}"));
     }
     Ok(CaptureOut { maps, marks })
-}
-
-/// Stores every block of `map` that `store` lacks, reading it from `dev` (disk `index` of
-/// the stopped recovery VM `vm`) and checking it against the map.
-pub(crate) fn fill(
-    ctx: &JobCtx,
-    store: &Arc<Store>,
-    dev: &dyn BlockDevice,
-    map: &BlockMap,
-    vm: &str,
-    index: u32,
-) -> Result<()> {
-    let missing: Vec<u64> = (0..map.len() as u64)
-        .filter(|&b| {
-            let h = &map.hashes[b as usize];
-            *h != ferry_blocks::ZERO && !store.contains(h)
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let mut w = PackWriter::new(store.clone(), ferry_store::PACK_TARGET);
-    let mut comp = zstd::bulk::Compressor::new(1)?;
-    for b in missing {
-        let r = map.block_range(b);
-        let mut buf = vec![0u8; (r.end - r.start) as usize];
-        dev.read_at(r.start, &mut buf)?;
-        ctx.add_read(buf.len() as u64);
-        let h = store.hasher().hash(&buf);
-        if h != map.hashes[b as usize] {
-            bail!("recovery disk {index} of VM {vm} changed while stopped (block {b}); re-run `ferry failback {vm}`");
-        }
-        let (f, c) = encode(&mut comp, &buf);
-        w.add(h, &f, c, buf.len() as u32)?;
-    }
-    w.finish()?;
-    Ok(())
 }
 
 /// The journal of apply writes to disk `index` of `vm`, and the file naming the map it

@@ -1,6 +1,8 @@
 //! Failback: the two-phase delta sync or a full download, `complete`, the dry run.
 
 use super::*;
+use ferry_blocks::ZERO;
+use ferry_store::{encode, PackWriter};
 
 impl Engine {
     /// Fails `vm` back to the primary site (see DESIGN.md §2). Returns the job, or the
@@ -417,7 +419,8 @@ impl Engine {
     /// changed since the recovery copy's marks (everything with `verify` or when it cannot
     /// tell). Saves the recovery maps and marks of the view's moment; returns the maps. With
     /// `fill` (the recovery VM is stopped: its maps become the failback point), every block
-    /// of the maps is in the store afterwards.
+    /// of the maps is in the store afterwards (through agents the recovery host's capture
+    /// always stores every block of its maps the store lacks).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sync_disks(
         &self,
@@ -441,7 +444,6 @@ impl Engine {
                 rd.host(),
                 rinfo,
                 verify,
-                fill,
             );
         }
         let local = store.local()?;
@@ -516,7 +518,6 @@ impl Engine {
         rhost: &Host,
         rinfo: &VmInfo,
         verify: bool,
-        fill: bool,
     ) -> Result<Vec<BlockMap>> {
         let _span = tracing::debug_span!("sync_via_store").entered();
         let item = self.item(vm)?;
@@ -536,7 +537,6 @@ impl Engine {
             disks,
             verify,
             crosses_sites: false,
-            fill,
         };
         let out = self.capture_on(run, rhost, store, &req)?;
         drop(req);
@@ -729,10 +729,30 @@ impl Engine {
         maps: &[BlockMap],
     ) -> Result<()> {
         let _span = tracing::debug_span!("fill_store").entered();
+        let mut w = PackWriter::new(store.clone(), ferry_store::PACK_TARGET);
+        let mut comp = zstd::bulk::Compressor::new(1)?;
         for (i, m) in maps.iter().enumerate() {
+            let missing: Vec<u64> = (0..m.len() as u64)
+                .filter(|&b| m.hashes[b as usize] != ZERO && !store.contains(&m.hashes[b as usize]))
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
             let dev = rd.open_disk(vm, i as u32, false)?;
-            data::fill(&run.ctx, store, dev.as_ref(), m, vm, i as u32)?;
+            for b in missing {
+                let r = m.block_range(b);
+                let mut buf = vec![0u8; (r.end - r.start) as usize];
+                dev.read_at(r.start, &mut buf)?;
+                run.ctx.add_read(buf.len() as u64);
+                let h = store.hasher().hash(&buf);
+                if h != m.hashes[b as usize] {
+                    bail!("recovery disk {i} of VM {vm} changed while stopped (block {b}); re-run `ferry failback {vm}`");
+                }
+                let (f, c) = encode(&mut comp, &buf);
+                w.add(h, &f, c, buf.len() as u32)?;
+            }
         }
+        w.finish()?;
         Ok(())
     }
 

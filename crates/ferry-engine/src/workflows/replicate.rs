@@ -182,7 +182,6 @@ impl Engine {
             disks,
             verify,
             crosses_sites: true,
-            fill: false,
         };
         let out = self.capture_on(run, host, &store, &req)?;
         let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
