@@ -53,6 +53,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE hosts ADD COLUMN agent INTEGER NOT NULL DEFAULT 0;
      CREATE TABLE agents(host TEXT PRIMARY KEY, last_seen INTEGER NOT NULL, version TEXT NOT NULL,
                          driver TEXT NOT NULL, root TEXT NOT NULL);",
+    // 7: the resources a job was started with (threads, bandwidth), for a control plane that
+    // continues it after a restart
+    "ALTER TABLE jobs ADD COLUMN run_opts TEXT;",
 ];
 
 /// Errors of the vault.
@@ -578,6 +581,25 @@ impl Vault {
         Ok(serde_json::from_str(&s).unwrap_or(serde_json::json!({})))
     }
 
+    /// The resources (JSON) job `id` was started with, if recorded.
+    pub fn job_run_opts(&self, id: i64) -> Result<Option<serde_json::Value>> {
+        let s: Option<String> = self.conn.query_row(
+            "SELECT run_opts FROM jobs WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?;
+        Ok(s.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// Records the resources (JSON) job `id` runs with.
+    pub fn set_job_run_opts(&self, id: i64, v: &serde_json::Value) -> Result<()> {
+        self.conn.execute(
+            "UPDATE jobs SET run_opts = ?2 WHERE id = ?1",
+            params![id, v.to_string()],
+        )?;
+        Ok(())
+    }
+
     /// Replaces a job's parameters.
     pub fn set_job_params(&self, id: i64, v: &serde_json::Value) -> Result<()> {
         self.conn.execute(
@@ -952,6 +974,10 @@ mod tests {
         assert!(!v.cancel_requested(j.id).unwrap());
         assert_eq!(v.jobs(false).unwrap().len(), 1);
         assert_eq!(v.job_params(j.id).unwrap()["sync"], "delta");
+        assert_eq!(v.job_run_opts(j.id).unwrap(), None);
+        let opts = serde_json::json!({"threads": 1, "bandwidth": 4194304});
+        v.set_job_run_opts(j.id, &opts).unwrap();
+        assert_eq!(v.job_run_opts(j.id).unwrap(), Some(opts));
         let groups = vec![
             vec!["a".to_string(), "b".to_string()],
             vec!["c".to_string()],

@@ -5,10 +5,16 @@ use super::*;
 impl Engine {
     /// Continues job `id`, whose process died, the way re-running its command would, with
     /// the options it was started with (`ferry serve` does this for the jobs it ran when it
-    /// was killed). Returns the job as it ended or waits; `None` when there is nothing to
-    /// continue (the VM moved on, or the job's command needs the operator: `protect`).
+    /// was killed), and the resources it last ran with (`opts` when none are recorded).
+    /// Returns the job as it ended or waits; `None` when there is nothing to continue (the
+    /// VM moved on, or the job's command needs the operator: `protect`).
     pub fn resume_interrupted(&self, id: i64, opts: RunOpts) -> Result<Option<Job>> {
         let job = self.vault.job(id)?.ok_or_else(|| anyhow!("no job {id}"))?;
+        let opts = self
+            .vault
+            .job_run_opts(id)?
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or(opts);
         let item = self.item(&job.vm)?;
         if item.job != Some(id) || job.state == JobState::Running {
             return Ok(None);

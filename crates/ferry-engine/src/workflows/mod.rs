@@ -27,8 +27,9 @@ mod replicate;
 
 use item_store::ItemStore;
 
-/// Resources a data-moving command may use.
-#[derive(Debug, Clone, Copy)]
+/// Resources a data-moving command may use (recorded with its job, so a control plane that
+/// continues the job after a restart keeps them).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct RunOpts {
     /// Hash/compress worker threads.
     pub threads: usize,
@@ -338,6 +339,8 @@ impl Engine {
         let job = self
             .vault
             .create_job(kind, vm, &steps(step_names), &params, &this_runner())?;
+        self.vault
+            .set_job_run_opts(job.id, &serde_json::to_value(opts)?)?;
         Ok(JobRun::start(
             self.home.clone(),
             job,
@@ -348,6 +351,8 @@ impl Engine {
 
     fn resume_job(&self, id: i64, opts: RunOpts) -> Result<JobRun> {
         self.vault.claim_job(id, &this_runner())?;
+        self.vault
+            .set_job_run_opts(id, &serde_json::to_value(opts)?)?;
         let job = self
             .vault
             .job(id)?
