@@ -219,6 +219,7 @@ fn agent_endpoints_take_only_their_own_hosts_agent_token() {
 /// home), a store both agents reach: the whole lifecycle through `ferry serve`.
 struct AgentSites {
     f: Ferry,
+    driver: String,
     agents: Vec<(String, String, std::path::PathBuf, Child)>,
     _roots: Vec<tempfile::TempDir>,
     _store: Option<tempfile::TempDir>,
@@ -227,6 +228,11 @@ struct AgentSites {
 impl AgentSites {
     /// `store`: a store URL, or None for a folder outside the server's home.
     fn start(store: Option<&str>) -> Option<AgentSites> {
+        Self::start_on(store, "dir")
+    }
+
+    /// [`AgentSites::start`] with hosts (and agents) of `driver` (`qemu`: TCG).
+    fn start_on(store: Option<&str>, driver: &str) -> Option<AgentSites> {
         if !can_unshare() {
             eprintln!(
                 "note: agent test skipped: `unshare --mount` is not permitted here (needs root)"
@@ -268,15 +274,20 @@ impl AgentSites {
         }
         let mut me = AgentSites {
             f,
+            driver: driver.into(),
             agents: Vec::new(),
             _roots: Vec::new(),
             _store: Some(dir),
         };
         for (host, site) in [("h1", "prim"), ("r1", "dr")] {
-            me.f.ok(&[
-                "host", "add", host, "--site", site, "--driver", "dir", "--switch", "lan",
+            let mut add = vec![
+                "host", "add", host, "--site", site, "--driver", driver, "--switch", "lan",
                 "--agent",
-            ]);
+            ];
+            if driver == "qemu" {
+                add.extend(["--accel", "tcg"]);
+            }
+            me.f.ok(&add);
             let token = me.f.json(&[
                 "token",
                 "new",
@@ -290,7 +301,13 @@ impl AgentSites {
                 .unwrap()
                 .to_string();
             let root = tempfile::tempdir().unwrap();
-            let child = start_agent(&me.f, host, &token, root.path());
+            let child = start_agent_with(
+                &me.f,
+                host,
+                &token,
+                root.path(),
+                &format!("--driver {driver}"),
+            );
             me.agents.push((
                 host.into(),
                 token,
@@ -320,7 +337,8 @@ impl AgentSites {
         let a = self.agents.iter_mut().find(|a| a.0 == host).unwrap();
         let _ = a.3.kill();
         let _ = a.3.wait();
-        a.3 = start_agent_with(&self.f, host, &a.1, &a.2, extra);
+        let extra = format!("--driver {} {extra}", self.driver);
+        a.3 = start_agent_with(&self.f, host, &a.1, &a.2, &extra);
         wait_agent(&self.f, host, true);
     }
 
@@ -369,7 +387,97 @@ impl Drop for AgentSites {
             let _ = a.3.kill();
             let _ = a.3.wait();
         }
+        // QEMUs the agents started (they outlive their agent).
+        for a in &self.agents {
+            for (pid, _) in crate::qemu::processes_mentioning(&a.2) {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        if self.driver == "qemu" {
+            std::thread::sleep(Duration::from_millis(200));
+            crate::qemu::reap_qemu_zombies();
+        }
     }
+}
+
+/// The guest of `vm`'s copy on `host` runs `qemu-io` command `cmd` on its first disk, through
+/// QMP (its socket is under the agent's root, which this test can reach).
+#[track_caller]
+fn guest(f: &Ferry, vm: &str, host: &str, cmd: &str) {
+    let v = f.vm_show(vm, Some(host));
+    assert_eq!(v["power"], "running", "{v}");
+    let qmp = v["qmp"].as_str().expect("qmp socket");
+    let dev = v["disks"][0]["device"].as_str().expect("guest device");
+    let mut q = ferry_hypervisor::qmp::Qmp::connect(qmp).expect("QMP");
+    let out = q
+        .human_monitor_command(&format!("qemu-io -d {dev}/virtio-backend \"{cmd}\""))
+        .expect("qemu-io");
+    assert_eq!(out, "", "guest qemu-io {cmd:?} on {vm}@{host}");
+}
+
+#[test]
+fn qemu_vms_are_protected_failed_over_and_back_by_their_agents() {
+    let missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "qemu-nbd"]
+        .into_iter()
+        .filter(|p| !crate::qemu::on_path(p))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "note: agents with qemu skipped: {} not installed",
+            missing.join(", ")
+        );
+        return;
+    }
+    // QEMUs outlive the agent commands that start them: reaped here.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let Some(s) = AgentSites::start_on(None, "qemu") else {
+        return;
+    };
+    let f = &s.f;
+    let v = f.json(&[
+        "vm", "create", "web1", "--host", "h1", "--disk", "32MiB", "--switch", "lan", "--memory",
+        "128MiB",
+    ]);
+    assert_eq!(v["driver"], "qemu", "{v}");
+    let prim = disk_path_of(&v, 0);
+    assert!(prim.starts_with(s.root("h1")), "{v}");
+    f.json(&["vm", "start", "web1"]);
+    guest(f, "web1", "h1", "write -P 0xab 4M 2M");
+    let job = f.json(&["protect", "web1", "--to", "dr"]);
+    assert_job_state(&job, "succeeded");
+    assert!(
+        job_u64(&job, "bytes_read") < 8 * MIB,
+        "the agent read only allocated ranges through QEMU: {job}"
+    );
+    // The primary's agent reads what QEMU's dirty bitmap says the guest wrote, nothing else.
+    guest(f, "web1", "h1", "write -P 0xcd 10M 1M");
+    let job = f.json(&["replicate", "web1"]);
+    assert_job_state(&job, "succeeded");
+    assert_eq!(job_u64(&job, "bytes_read"), MIB, "{job}");
+    assert!(job.get("notes").is_none(), "tracking was trusted: {job}");
+    let job = f.json(&["failover", "web1", "--planned"]);
+    assert_job_state(&job, "succeeded");
+    assert_eq!(f.power("web1", Some("r1")), "running");
+    assert_eq!(f.power("web1", Some("h1")), "stopped");
+    f.ok(&["commit", "web1"]);
+    let rec = f.disk_paths("web1", "r1")[0].clone();
+    assert!(rec.starts_with(s.root("r1")), "{rec:?}");
+    // The recovery guest writes; the failback moves that delta only, tracked by the recovery
+    // agent's QEMU.
+    guest(f, "web1", "r1", "write -P 0xef 16M 1M");
+    let job = f.json(&["failback", "web1", "--auto-complete"]);
+    assert_job_state(&job, "succeeded");
+    assert!(
+        job_u64(&job, "bytes_transferred") <= 2 * MIB,
+        "only the recovery guest's writes crossed: {job}"
+    );
+    assert_eq!(f.power("web1", Some("h1")), "running");
+    f.ok(&["vm", "stop", "web1", "--host", "h1"]);
+    crate::qemu::assert_same_content(&prim, "qcow2", &rec, "qcow2");
 }
 
 fn lifecycle_through_agents(store: Option<&str>) {
@@ -730,7 +838,10 @@ fn a_recovery_plan_runs_through_agents_group_by_group_and_the_primary_site_can_b
     s.kill("h1");
     wait_agent(&s.f, "h1", false);
     let err = s.f.fail(&["plan", "failover", "shop", "--planned"]);
-    assert!(err.contains("h1"), "a planned failover names the lost host: {err}");
+    assert!(
+        err.contains("h1"),
+        "a planned failover names the lost host: {err}"
+    );
     let run = s.f.json(&["plan", "failover", "shop", "--unplanned"]);
     let ids: Vec<u64> = run["groups"]
         .as_array()

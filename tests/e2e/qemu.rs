@@ -19,7 +19,7 @@ use crate::harness::*;
 /// Every ferry command of these tests runs QEMU with TCG (nested KVM is slower here).
 const ACCEL: (&str, &str) = ("FERRY_QEMU_ACCEL", "tcg");
 
-fn on_path(program: &str) -> bool {
+pub(crate) fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false)
@@ -166,7 +166,7 @@ impl Drop for QemuFerry {
 }
 
 /// Non-zombie processes whose command line contains `dir`.
-fn processes_mentioning(dir: &Path) -> Vec<(i32, String)> {
+pub(crate) fn processes_mentioning(dir: &Path) -> Vec<(i32, String)> {
     let needle = dir.to_string_lossy().as_bytes().to_vec();
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -200,7 +200,7 @@ fn processes_mentioning(dir: &Path) -> Vec<(i32, String)> {
 }
 
 /// Reaps exited QEMU / qemu-nbd processes this test process inherited as subreaper.
-fn reap_qemu_zombies() {
+pub(crate) fn reap_qemu_zombies() {
     let me = std::process::id().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
@@ -233,7 +233,7 @@ fn reap_qemu_zombies() {
 /// `qemu-img compare` of two stopped images: identical guest-visible content (allocation may
 /// differ: a zero block may be a hole on one side and written zeros on the other).
 #[track_caller]
-fn assert_same_content(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
+pub(crate) fn assert_same_content(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
     let out = Command::new("qemu-img")
         .args(["compare", "-f", a_fmt, "-F", b_fmt])
         .arg(a)

@@ -583,11 +583,11 @@ impl Vault {
 
     /// The resources (JSON) job `id` was started with, if recorded.
     pub fn job_run_opts(&self, id: i64) -> Result<Option<serde_json::Value>> {
-        let s: Option<String> = self.conn.query_row(
-            "SELECT run_opts FROM jobs WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-        )?;
+        let s: Option<String> =
+            self.conn
+                .query_row("SELECT run_opts FROM jobs WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })?;
         Ok(s.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
