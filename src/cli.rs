@@ -341,6 +341,9 @@ pub enum Cmd {
     /// Example: ferry key new /root/ferry-web1.key && ferry protect web1 --to dr --key /root/ferry-web1.key
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Tools for ferry's own tests (hidden).
+    #[command(subcommand, hide = true)]
+    Debug(DebugCmd),
     /// Read back every block of a recovery point and check it against its hash.
     ///
     /// Example: ferry verify web1 --point 3
@@ -660,6 +663,13 @@ pub enum TokenCmd {
         /// Token name
         name: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DebugCmd {
+    /// Every fault point of every workflow (`FERRY_FAULT=POINT` kills the process running the
+    /// job there), listed from the code: one per line as `WORKFLOW POINT`, or `--json`.
+    FaultPoints,
 }
 
 #[derive(Subcommand, Debug)]
@@ -1099,6 +1109,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 output::finish_bar(b);
             }
             output::job(&job, j);
+        }
+        Cmd::Debug(DebugCmd::FaultPoints) => {
+            let points = ferry_engine::faults::all();
+            if j {
+                output::json(&points)
+            } else {
+                for p in points {
+                    println!("{} {}", p.workflow, p.point);
+                }
+            }
         }
         Cmd::Key(KeyCmd::New { file }) => {
             let k = ferry_store::crypto::Key::create_file(file)?;

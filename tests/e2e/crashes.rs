@@ -11,7 +11,7 @@ fn crash_after_primary_started_never_overwrites_its_new_writes() {
     let (prim, rec) = f.failed_over_vm("app", &[8 * MIB], &["lan"], 4 * MIB);
     write_random(&rec[0], 0, MIB, 501);
     f.crash_at(
-        "failback-after-start-primary",
+        "failback/start-primary-vm/after",
         &["failback", "app", "--auto-complete"],
     );
     // The primary runs the workload now; the next command settles the dead job.
@@ -39,7 +39,7 @@ fn crash_before_primary_started_finishes_by_starting_it() {
     let (prim, rec) = f.failed_over_vm("app", &[8 * MIB], &["lan"], 4 * MIB);
     write_random(&rec[0], MIB, MIB, 511);
     f.crash_at(
-        "failback-before-start-primary",
+        "failback/start-primary-vm/before",
         &["failback", "app", "--auto-complete"],
     );
     f.assert_state("app", "failback_interrupted");
@@ -57,7 +57,7 @@ fn crash_after_recovery_vm_started_keeps_its_writes() {
     f.setup_two_sites(&["lan"]);
     let prim = f.protected_vm("app", &[8 * MIB], &["lan"], 4 * MIB);
     f.crash_at(
-        "failover-after-start-recovery",
+        "failover/start-recovery-vm/after",
         &["failover", "app", "--planned"],
     );
     let rec = f.disk_paths("app", "r1");

@@ -517,3 +517,16 @@ fn unplanned_failover_failback_overwrites_unreplicated_writes() {
         read_range(&reference, 9 * MIB, 256 * KIB)
     );
 }
+
+#[test]
+fn a_planned_failover_carries_writes_made_since_the_last_point() {
+    // Found by the crash matrix: the failover opened the store before its last replication
+    // cycle stored the new blocks, and restored from a stale index ("block … is missing").
+    let f = Ferry::new();
+    f.setup_two_sites(&["lan"]);
+    let prim = f.protected_vm("app", &[8 * MIB], &["lan"], 3 * MIB);
+    write_random(&prim[0], 4 * MIB, MIB, 1301);
+    let job = f.json(&["failover", "app", "--planned"]);
+    assert_job_state(&job, "succeeded");
+    assert_all_identical(&prim, &f.disk_paths("app", "r1"));
+}

@@ -13,6 +13,7 @@ mod failback_rules;
 mod faults;
 mod jobs;
 mod lifecycle;
+mod matrix;
 mod plans;
 mod qemu;
 mod serve;

@@ -27,6 +27,8 @@ pub struct JobCtx {
     cancel: AtomicBool,
     bandwidth: Option<u64>,
     throttle_start: Mutex<Option<(Instant, u64)>>,
+    /// The running step's `mid` fault point, until its first durable batch.
+    mid_point: Mutex<Option<String>>,
 }
 
 impl JobCtx {
@@ -41,6 +43,17 @@ impl JobCtx {
             cancel: AtomicBool::new(false),
             bandwidth,
             throttle_start: Mutex::new(None),
+            mid_point: Mutex::new(None),
+        }
+    }
+
+    /// Called by a transfer each time a batch is durable (written and synced with its
+    /// journal, or a pack stored with its index): the first one of a step is its `mid`
+    /// fault point (see [`crate::faults`]).
+    pub fn batch_durable(&self) {
+        let p = self.mid_point.lock().unwrap().take();
+        if let Some(p) = p {
+            crate::faults::fire(&p);
         }
     }
 
@@ -237,8 +250,18 @@ impl JobRun {
         j.steps.len() - 1
     }
 
-    /// Marks step `name` running with `total` bytes to process.
+    /// Marks step `name` running with `total` bytes to process; its `before` fault point
+    /// fires first, and its `mid` one is armed (see [`crate::faults`]).
     pub fn begin_step(&self, name: &str, total: u64) {
+        let kind = self.shared.lock().unwrap().kind;
+        crate::faults::fire(&crate::faults::point(
+            kind,
+            name,
+            crate::faults::When::Before,
+        ));
+        *self.ctx.mid_point.lock().unwrap() = crate::faults::DATA_STEPS
+            .contains(&name)
+            .then(|| crate::faults::point(kind, name, crate::faults::When::Mid));
         let i = self.step_index(name);
         let again = *self.current_step.lock().unwrap() == Some(i);
         if !again {
@@ -262,14 +285,22 @@ impl JobRun {
         }
     }
 
-    /// Marks the running step succeeded.
+    /// Marks the running step succeeded; then its `after` fault point fires.
     pub fn end_step(&self) {
         self.end_timing();
         self.fold_step();
-        let mut j = self.shared.lock().unwrap();
-        if let Some(i) = self.current_step.lock().unwrap().take() {
-            j.steps[i].state = JobState::Succeeded;
-            j.steps[i].bytes_done = j.steps[i].bytes_done.max(j.steps[i].bytes_total);
+        *self.ctx.mid_point.lock().unwrap() = None;
+        let after = {
+            let mut j = self.shared.lock().unwrap();
+            let kind = j.kind;
+            self.current_step.lock().unwrap().take().map(|i| {
+                j.steps[i].state = JobState::Succeeded;
+                j.steps[i].bytes_done = j.steps[i].bytes_done.max(j.steps[i].bytes_total);
+                crate::faults::point(kind, &j.steps[i].name, crate::faults::When::After)
+            })
+        };
+        if let Some(p) = after {
+            crate::faults::fire(&p);
         }
     }
 

@@ -16,6 +16,7 @@ use ferry_vault::Vault;
 use serde::{Deserialize, Serialize};
 
 pub mod data;
+pub mod faults;
 pub mod jobs;
 pub mod pipeline;
 pub mod plans;
@@ -25,16 +26,6 @@ mod workflows;
 pub use jobs::{Cancelled, JobCtx, Observer};
 pub use plans::{PlanAction, PlanRun, PlanStep};
 
-/// Fault injection for tests: when `FERRY_FAULT` names `point`, the process kills itself with
-/// SIGKILL right there, exactly like a crash or `kill -9` (no cleanup, no unwinding).
-pub fn fault(point: &str) {
-    if std::env::var("FERRY_FAULT").is_ok_and(|f| f == point) {
-        eprintln!("ferry: injected fault at {point}");
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
-    }
-}
 pub use workflows::{
     parse_rfc3339, DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts, VerifyReport,
 };

@@ -439,6 +439,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                         let _span = tracing::debug_span!("flush").entered();
                         dev.flush()?;
                         journal.sync()?;
+                        ctx.batch_durable();
                         unsynced = 0;
                         last_sync = std::time::Instant::now();
                     }
@@ -464,6 +465,7 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
                 .and_then(|_| Ok(journal.sync()?));
             if failure.is_none() {
                 r?;
+                ctx.batch_durable();
             }
         }
         if let Some(p) = packs.take() {
@@ -471,6 +473,8 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
             let r = p.finish();
             if failure.is_none() {
                 r?;
+                // Every pack of the pass is stored (no point refers to them yet).
+                ctx.batch_durable();
             }
         }
         if let Some(e) = failure {
@@ -793,6 +797,8 @@ pub fn restore(
             return Err(anyhow!("internal: restore stopped early"));
         }
         dev.flush()?;
+        // A disk restored (not yet marked consistent: a crash restores it again).
+        ctx.batch_durable();
         Ok(())
     })
 }
@@ -924,6 +930,7 @@ pub fn apply(
             .collect();
         journal.done_many(&done)?;
         journal.sync()?;
+        ctx.batch_durable();
         blocks += all.len() as u64;
         bytes += all
             .iter()

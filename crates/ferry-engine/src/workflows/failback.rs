@@ -172,20 +172,9 @@ impl Engine {
                     full_reset: false,
                     auto_complete: o.auto_complete,
                 };
-                let names: &[&str] = match sync {
-                    SyncMode::Delta => &[
-                        "prepare primary VM",
-                        "sync disks (phase 1)",
-                        "stop recovery VM",
-                        "sync final changes (phase 2)",
-                        "start primary VM",
-                    ],
-                    SyncMode::Full => &[
-                        "prepare primary VM",
-                        "stop recovery VM",
-                        "download all blocks",
-                        "start primary VM",
-                    ],
+                let names = match sync {
+                    SyncMode::Delta => crate::faults::FAILBACK_DELTA,
+                    SyncMode::Full => crate::faults::FAILBACK_FULL,
                 };
                 (
                     self.new_job(
@@ -708,10 +697,8 @@ impl Engine {
         // primary (its disks are complete) and never syncs over a primary that already runs.
         params.phase = 3;
         self.save_params(run, params)?;
-        crate::fault("failback-before-start-primary");
         run.begin_step("start primary VM", 0);
         td.start_vm(vm)?;
-        crate::fault("failback-after-start-primary");
         if was_running || params.rounds > 0 {
             run.set_downtime(down.elapsed());
         }

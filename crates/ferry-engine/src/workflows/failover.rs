@@ -90,22 +90,14 @@ impl Engine {
         rd.check_switches(&nics)?;
         let store = self.item_store(&item, &[&rhost, &phost])?;
         store.check()?;
-        let names: Vec<&str> = match mode {
-            FailoverMode::Planned => vec![
-                "stop primary VM",
-                "replicate final changes",
-                "create recovery VM",
-                "restore disks",
-                "start recovery VM",
-            ],
-            FailoverMode::Unplanned => {
-                vec!["create recovery VM", "restore disks", "start recovery VM"]
-            }
+        let names = match mode {
+            FailoverMode::Planned => crate::faults::FAILOVER_PLANNED,
+            FailoverMode::Unplanned => crate::faults::FAILOVER_UNPLANNED,
         };
         let run = self.new_job(
             JobKind::Failover,
             vm,
-            &names,
+            names,
             json!({"mode": format!("{mode:?}").to_lowercase(), "host": rhost.name, "point": chosen.as_ref().map(|p| p.id)}),
             opts,
         )?;
@@ -164,10 +156,9 @@ impl Engine {
                     &rhost,
                     || data::DataReq::Restore(req.clone()),
                     |env| {
-                        if phost.agent {
-                            // The primary's agent stored the last blocks.
-                            store.refresh()?;
-                        }
+                        // The last replication (of a planned failover) stored blocks
+                        // through another handle on the store, or on the primary's agent.
+                        store.refresh()?;
                         data::restore(env, store.local()?, &req)
                     },
                 )?;
@@ -188,10 +179,8 @@ impl Engine {
                 self.set_extra(vm, &ex)?;
                 run.end_step();
             }
-            crate::fault("failover-before-start-recovery");
             run.begin_step("start recovery VM", 0);
             rd.start_vm(vm)?;
-            crate::fault("failover-after-start-recovery");
             if let Some(t) = down {
                 run.set_downtime(t.elapsed());
             }
@@ -223,12 +212,13 @@ impl Engine {
             }
             _ => None,
         };
-        let name = if after_failback {
-            "delete recovery VM"
+        let steps = if after_failback {
+            crate::faults::COMMIT_FAILBACK
         } else {
-            "commit failover"
+            crate::faults::COMMIT_FAILOVER
         };
-        let run = self.new_job(JobKind::Commit, vm, &[name], json!({}), RunOpts::default())?;
+        let name = steps[0];
+        let run = self.new_job(JobKind::Commit, vm, steps, json!({}), RunOpts::default())?;
         self.enter(&mut item, next, run.id())?;
         let r = (|| -> Result<(Outcome, ())> {
             run.begin_step(name, 0);

@@ -85,7 +85,7 @@ impl Engine {
         let run = self.new_job(
             JobKind::Protect,
             vm,
-            &["initial replication"],
+            crate::faults::PROTECT,
             json!({}),
             opts,
         )?;
@@ -106,7 +106,7 @@ impl Engine {
         let run = self.new_job(
             JobKind::Replicate,
             vm,
-            &["replicate changes"],
+            crate::faults::REPLICATE,
             json!({}),
             opts,
         )?;
@@ -128,7 +128,7 @@ impl Engine {
         let run = self.new_job(
             JobKind::ReverseReplicate,
             vm,
-            &["replicate changes since failback"],
+            crate::faults::REVERSE_REPLICATE,
             json!({}),
             opts,
         )?;
