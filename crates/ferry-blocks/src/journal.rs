@@ -146,17 +146,25 @@ impl MapJournal {
         // First pass: how far done records are covered by a sync record.
         let mut synced_upto = 0u64;
         let mut pos = 0;
+        // Lengths are checked: a damaged record must not overflow or reach past the file.
+        let body_end = |pos: usize, count: u64| -> Option<usize> {
+            count
+                .checked_mul(32)
+                .and_then(|n| n.checked_add(pos as u64 + 17))
+                .filter(|&e| e <= b.len() as u64)
+                .map(|e| e as usize)
+        };
         while pos + 17 <= b.len() {
             let tag = b[pos];
             let a = u64::from_le_bytes(b[pos + 1..pos + 9].try_into().unwrap());
-            let count = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap()) as usize;
+            let count = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap());
             match tag {
                 SYNC => synced_upto = a,
                 DONE => {
-                    if pos + 17 + count * 32 > b.len() {
+                    let Some(end) = body_end(pos, count) else {
                         break;
-                    }
-                    pos += count * 32;
+                    };
+                    pos = end - 17;
                 }
                 INTENT => {}
                 _ => break,
@@ -167,27 +175,32 @@ impl MapJournal {
         while pos + 17 <= b.len() {
             let rec_start = pos as u64;
             let tag = b[pos];
-            let start = u64::from_le_bytes(b[pos + 1..pos + 9].try_into().unwrap()) as usize;
-            let count = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap()) as usize;
-            pos += 17;
-            if tag != SYNC && start + count > map.hashes.len() {
+            let start64 = u64::from_le_bytes(b[pos + 1..pos + 9].try_into().unwrap());
+            let count64 = u64::from_le_bytes(b[pos + 9..pos + 17].try_into().unwrap());
+            let in_disk = start64
+                .checked_add(count64)
+                .is_some_and(|e| e <= map.hashes.len() as u64);
+            if tag != SYNC && !in_disk {
                 return Err(BlockError::Format(format!(
                     "{}: journal names blocks beyond the disk",
                     path.display()
                 )));
             }
+            let (start, count) = (start64 as usize, count64 as usize);
+            let done_end = body_end(pos, count64);
+            pos += 17;
             match tag {
                 INTENT => map.hashes[start..start + count].fill(UNKNOWN),
                 DONE => {
-                    if pos + count * 32 > b.len() {
+                    let Some(end) = done_end else {
                         break; // torn record
-                    }
+                    };
                     if rec_start < synced_upto {
-                        for (k, c) in b[pos..pos + count * 32].chunks_exact(32).enumerate() {
+                        for (k, c) in b[pos..end].chunks_exact(32).enumerate() {
                             map.hashes[start + k] = c.try_into().unwrap();
                         }
                     }
-                    pos += count * 32;
+                    pos = end;
                 }
                 SYNC => {}
                 _ => {
@@ -233,6 +246,30 @@ fn sync_parent(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // A journal left by a crash (or damaged on disk) is replayed or refused, never
+        // followed past its end or past the disk.
+        #[test]
+        fn any_journal_bytes_replay_or_are_refused(
+            b in proptest::collection::vec(any::<u8>(), 0..200),
+            records in proptest::collection::vec((0u8..4, any::<u64>(), 0u64..1 << 62), 0..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("j");
+            let mut bytes = b;
+            for (tag, start, count) in records {
+                bytes.push(tag);
+                bytes.extend_from_slice(&start.to_le_bytes());
+                bytes.extend_from_slice(&count.to_le_bytes());
+            }
+            std::fs::write(&p, &bytes).unwrap();
+            let mut m = BlockMap::zeros(8 * 4096, 4096);
+            let _ = MapJournal::replay(&p, &mut m);
+            prop_assert_eq!(m.hashes.len(), 8);
+        }
+    }
 
     #[test]
     fn replay_marks_in_flight_blocks_unknown_and_applies_done_ones() {

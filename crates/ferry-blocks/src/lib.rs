@@ -44,6 +44,9 @@ pub fn io_err(path: impl AsRef<std::path::Path>) -> impl FnOnce(std::io::Error) 
     move |source| BlockError::Io { path, source }
 }
 
+/// The largest block size ferry replicates with (4 MiB): no stored block is larger.
+pub const MAX_BLOCK_SIZE: u64 = 4 << 20;
+
 /// Number of blocks of `block_size` needed to cover `size` bytes.
 pub fn block_count(size: u64, block_size: u64) -> u64 {
     size.div_ceil(block_size)

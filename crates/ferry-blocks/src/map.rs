@@ -6,7 +6,10 @@ use std::path::Path;
 use crate::{block_count, io_err, BlockError, Hash, Result, UNKNOWN, ZERO};
 
 const MAP_MAGIC: &[u8; 8] = b"FRYMAP01";
-const MANIFEST_MAGIC: &[u8; 8] = b"FRYMAN01";
+/// Manifests written before they carried a checksum (still read).
+const MANIFEST_MAGIC_V1: &[u8; 8] = b"FRYMAN01";
+/// Manifests with a BLAKE3 checksum of everything before it at the end.
+const MANIFEST_MAGIC: &[u8; 8] = b"FRYMAN02";
 
 /// The hash of every block of one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,11 +88,20 @@ impl BlockMap {
             return Err(bad());
         }
         let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-        let (size, block_size, n) = (u(8), u(16), u(24) as usize);
-        if block_size == 0 || block_count(size, block_size) as usize != n || b.len() < 32 + n * 32 {
+        let (size, block_size, n) = (u(8), u(16), u(24));
+        // Checked: a damaged header must not overflow or ask for more than the bytes hold.
+        let end = n
+            .checked_mul(32)
+            .and_then(|x| x.checked_add(32))
+            .filter(|&e| e <= b.len() as u64);
+        let Some(end) = end.map(|e| e as usize) else {
+            return Err(bad());
+        };
+        let n = n as usize;
+        if block_size == 0 || block_count(size, block_size) != n as u64 {
             return Err(bad());
         }
-        let hashes = b[32..32 + n * 32]
+        let hashes = b[32..end]
             .chunks_exact(32)
             .map(|c| c.try_into().unwrap())
             .collect();
@@ -99,7 +111,7 @@ impl BlockMap {
                 block_size,
                 hashes,
             },
-            32 + n * 32,
+            end,
         ))
     }
 
@@ -123,7 +135,8 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Serializes to ferry's binary manifest format.
+    /// Serializes to ferry's binary manifest format: the maps, then a BLAKE3 checksum of all
+    /// that precedes it (a plaintext store has no other guard against a flipped bit).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(MANIFEST_MAGIC);
@@ -131,23 +144,44 @@ impl Manifest {
         for d in &self.disks {
             out.extend_from_slice(&d.to_bytes());
         }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
         out
     }
 
-    /// Parses ferry's binary manifest format.
+    /// Parses ferry's binary manifest format (checking its checksum; manifests of the first
+    /// format, without one, are still read).
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
-        if b.len() < 16 || &b[..8] != MANIFEST_MAGIC {
-            return Err(BlockError::Format(
-                "not a ferry manifest (wrong magic)".into(),
-            ));
+        let format = |m: &str| BlockError::Format(m.into());
+        if b.len() < 16 {
+            return Err(format("not a ferry manifest (truncated)"));
         }
-        let n = u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize;
+        let body = if &b[..8] == MANIFEST_MAGIC {
+            if b.len() < 16 + 32 {
+                return Err(format("not a ferry manifest (truncated)"));
+            }
+            let (body, sum) = b.split_at(b.len() - 32);
+            if blake3::hash(body).as_bytes() != sum {
+                return Err(format(
+                    "damaged manifest (its checksum does not match its content)",
+                ));
+            }
+            body
+        } else if &b[..8] == MANIFEST_MAGIC_V1 {
+            b
+        } else {
+            return Err(format("not a ferry manifest (wrong magic)"));
+        };
+        let n = u64::from_le_bytes(body[8..16].try_into().unwrap()) as usize;
         let mut pos = 16;
         let mut disks = Vec::with_capacity(n.min(64));
         for _ in 0..n {
-            let (m, used) = BlockMap::from_bytes(&b[pos..])?;
+            let (m, used) = BlockMap::from_bytes(&body[pos..])?;
             disks.push(m);
             pos += used;
+        }
+        if &b[..8] == MANIFEST_MAGIC && pos != body.len() {
+            return Err(format("damaged manifest (bytes after its last map)"));
         }
         Ok(Manifest { disks })
     }
@@ -198,6 +232,62 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A valid map or manifest encoding, then `flips` (position, bit) applied to it.
+    fn mutated(mut b: Vec<u8>, flips: &[(usize, u8)]) -> Vec<u8> {
+        let len = b.len();
+        for &(at, bit) in flips {
+            b[at % len] ^= 1 << (bit % 8);
+        }
+        b
+    }
+
+    proptest! {
+        // Stored and received maps and manifests are parsed from bytes anyone may have
+        // damaged: any input gives a value or an error, never a panic, an overflow or an
+        // allocation larger than the input.
+        #[test]
+        fn any_bytes_parse_to_a_map_or_an_error(b in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = BlockMap::from_bytes(&b);
+            let _ = Manifest::from_bytes(&b);
+        }
+
+        #[test]
+        fn a_damaged_header_is_refused_without_overflow(
+            size in any::<u64>(), bs in any::<u64>(), n in any::<u64>(), tail in 0usize..64,
+        ) {
+            let mut b = MAP_MAGIC.to_vec();
+            for v in [size, bs, n] {
+                b.extend_from_slice(&v.to_le_bytes());
+            }
+            b.resize(b.len() + tail, 7);
+            if let Ok((m, used)) = BlockMap::from_bytes(&b) {
+                prop_assert_eq!(used, 32 + m.hashes.len() * 32);
+                prop_assert!(used <= b.len());
+            }
+            let mut man = MANIFEST_MAGIC_V1.to_vec();
+            man.extend_from_slice(&n.to_le_bytes());
+            man.extend_from_slice(&b);
+            let _ = Manifest::from_bytes(&man);
+        }
+
+        #[test]
+        fn flipped_bits_in_a_manifest_give_an_error_or_another_manifest(
+            blocks in 1u64..40,
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        ) {
+            let mut m = BlockMap::zeros(blocks * 4096, 4096);
+            for (i, h) in m.hashes.iter_mut().enumerate() {
+                *h = [i as u8 + 1; 32];
+            }
+            let good = Manifest { disks: vec![m.clone(), m] };
+            let bad = mutated(good.to_bytes(), &flips);
+            // Flips that cancel out leave the manifest as it was; any other is refused.
+            if bad != good.to_bytes() {
+                prop_assert!(Manifest::from_bytes(&bad).is_err());
+            }
+        }
+    }
+
     #[test]
     fn last_block_may_be_short() {
         let m = BlockMap::zeros(65536 * 2 + 100, 65536);
@@ -214,6 +304,13 @@ mod tests {
         };
         assert_eq!(Manifest::from_bytes(&m.to_bytes()).unwrap(), m);
         assert!(Manifest::from_bytes(b"garbage garbage!").is_err());
+        // A manifest of the first format (no checksum) still reads.
+        let mut v1 = MANIFEST_MAGIC_V1.to_vec();
+        v1.extend_from_slice(&(m.disks.len() as u64).to_le_bytes());
+        for d in &m.disks {
+            v1.extend_from_slice(&d.to_bytes());
+        }
+        assert_eq!(Manifest::from_bytes(&v1).unwrap(), m);
     }
 
     #[test]

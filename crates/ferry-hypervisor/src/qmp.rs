@@ -334,14 +334,17 @@ impl Qmp {
                     None => self.pending.clear(),
                 }
             }
-            let n = match self.reader.read_until(b'\n', &mut self.pending) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let e = self.io_error(e, what);
-                    return Err(self.fail(e));
-                }
-            };
+            // Bounded: a line without an end must not grow past the limit before it is checked.
+            let room = (MAX_MESSAGE + 1).saturating_sub(self.pending.len()) as u64;
+            let n =
+                match io::Read::take(&mut self.reader, room).read_until(b'\n', &mut self.pending) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let e = self.io_error(e, what);
+                        return Err(self.fail(e));
+                    }
+                };
             if n == 0 {
                 let detail = if self.pending.iter().all(u8::is_ascii_whitespace) {
                     format!("the server closed the connection while we waited for {what}")
@@ -442,6 +445,43 @@ mod tests {
             seen
         });
         (client, h)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        // A QMP server (or whatever listens on the socket) answering with any bytes: the
+        // handshake and a command give a value or an error, never a panic or a hang.
+        #[test]
+        fn any_greeting_or_reply_is_a_value_or_an_error(
+            greeting in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            reply in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            good_greeting in proptest::prelude::any::<bool>(),
+        ) {
+            let (client, mut server) = UnixStream::pair().unwrap();
+            let h = thread::spawn(move || {
+                if !good_greeting {
+                    // Garbage, then the end: the client must not wait for more.
+                    let _ = server.write_all(&greeting);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+                let _ = server.write_all(GREETING.as_bytes());
+                let mut r = BufReader::new(server.try_clone().unwrap());
+                for answer in [b"{\"return\": {}, \"id\": 1}\r\n".to_vec(), reply] {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let _ = server.write_all(&answer);
+                }
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+            if let Ok(mut q) = Qmp::handshake(client, "fuzz".into(), Duration::from_secs(5)) {
+                let _ = q.execute("query-status", None);
+            }
+            h.join().unwrap();
+        }
     }
 
     const GREETING: &str = "{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}, \"capabilities\": [\"oob\"]}}\r\n";

@@ -806,6 +806,117 @@ pub fn router(srv: Srv) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_api::Api;
+    use proptest::prelude::*;
+
+    /// A router over a fresh installation, and an admin token for it.
+    fn app() -> (tempfile::TempDir, Router, String) {
+        let dir = tempfile::tempdir().unwrap();
+        ferry_engine::Engine::init(dir.path()).unwrap();
+        let local = Local::new(dir.path());
+        let token = local
+            .token_new(&ferry_api::TokenNew {
+                name: "fuzz".into(),
+                role: ferry_api::Role::Admin,
+                host: None,
+            })
+            .unwrap()
+            .token;
+        let hub = Arc::new(Hub::new(
+            dir.path().to_path_buf(),
+            crate::agents::AGENT_TIMEOUT,
+        ));
+        (dir, router(Srv { local, hub }), token)
+    }
+
+    const ENDPOINTS: &[&str] = &[
+        "/v1/sites",
+        "/v1/hosts",
+        "/v1/vms",
+        "/v1/vms/app/power",
+        "/v1/vms/app/protect",
+        "/v1/vms/app/failover",
+        "/v1/vms/app/failback",
+        "/v1/vms/app/complete",
+        "/v1/vms/app/verify",
+        "/v1/plans",
+        "/v1/plans/p/run",
+        "/v1/tokens",
+        "/v1/agent/heartbeat",
+        "/v1/agent/tasks/1?host=h1",
+    ];
+
+    /// A body: random bytes, or JSON that is nearly right (known field names, random values).
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let value = prop_oneof![
+            Just("null".to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            "[a-z./]{0,12}".prop_map(|s| format!("{s:?}")),
+            Just("{}".to_string()),
+            Just("[]".to_string()),
+        ];
+        let field = prop_oneof![
+            Just("name"),
+            Just("role"),
+            Just("store"),
+            Just("site"),
+            Just("driver"),
+            Just("to"),
+            Just("mode"),
+            Just("host"),
+            Just("sync"),
+            Just("key"),
+            Just("point"),
+            Just("groups"),
+            Just("action"),
+            Just("disks"),
+            Just("rpo_s"),
+            Just("data"),
+            Just("version"),
+            Just("x"),
+        ];
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..64),
+            proptest::collection::vec((field, value), 0..4).prop_map(|kv| {
+                let inner: Vec<String> = kv.iter().map(|(k, v)| format!("{k:?}: {v}")).collect();
+                format!("{{{}}}", inner.join(", ")).into_bytes()
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        // Any body to any endpoint: an answer below 500 with a message, never a panic.
+        #[test]
+        fn any_body_to_any_endpoint_is_answered_below_500(
+            at in 0..ENDPOINTS.len(),
+            b in body(),
+        ) {
+            use tower::ServiceExt;
+            let (_dir, app, token) = app();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let req = axum::http::Request::post(ENDPOINTS[at])
+                .header("Authorization", format!("Bearer {token}"))
+                .header("Content-Type", "application/json")
+                .body(axum::body::Body::from(b.clone()))
+                .unwrap();
+            let resp = rt.block_on(app.oneshot(req)).unwrap();
+            let status = resp.status().as_u16();
+            prop_assert!(status < 500, "{} {:?}: {status}", ENDPOINTS[at], String::from_utf8_lossy(&b));
+            if status >= 400 {
+                let bytes = rt
+                    .block_on(axum::body::to_bytes(resp.into_body(), 1 << 20))
+                    .unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                prop_assert!(v["error"].is_string(), "{v}");
+            }
+        }
+    }
 
     /// `docs/openapi.json` is the API as built; regenerate it with
     /// `FERRY_UPDATE_OPENAPI=1 cargo test -p ferry-server openapi`.

@@ -7,6 +7,8 @@ use crate::{Location, Result, Store};
 
 const INDEX_MAGIC: &[u8; 8] = b"FRYIDX01";
 const ENTRY_LEN: usize = 32 + 8 + 4 + 4 + 1;
+/// Most a stored frame exceeds its block by (the seal's nonce and tag, with room to spare).
+const MAX_FRAME_OVERHEAD: u64 = 64;
 
 /// How a block frame is encoded in a pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +87,9 @@ pub(crate) fn parse_index(b: &[u8]) -> Option<Vec<(Hash, Location)>> {
         return None;
     }
     let pack = u128::from_le_bytes(b[16..32].try_into().ok()?);
-    let n = u64::from_le_bytes(b[8..16].try_into().ok()?) as usize;
+    let n = u64::from_le_bytes(b[8..16].try_into().ok()?);
     let body = &b[32..];
-    if body.len() != n * ENTRY_LEN {
+    if n.checked_mul(ENTRY_LEN as u64) != Some(body.len() as u64) {
         return None;
     }
     body.chunks_exact(ENTRY_LEN)
@@ -97,13 +99,22 @@ pub(crate) fn parse_index(b: &[u8]) -> Option<Vec<(Hash, Location)>> {
                 1 => Codec::Zstd,
                 _ => return None,
             };
+            let len = u32::from_le_bytes(e[40..44].try_into().ok()?);
+            let raw_len = u32::from_le_bytes(e[44..48].try_into().ok()?);
+            // No block is larger than the largest block size, nor its frame much larger than
+            // the block (a damaged index must not make a reader allocate gigabytes).
+            if raw_len as u64 > ferry_blocks::MAX_BLOCK_SIZE
+                || len as u64 > raw_len as u64 + MAX_FRAME_OVERHEAD
+            {
+                return None;
+            }
             Some((
                 e[..32].try_into().ok()?,
                 Location {
                     pack,
                     offset: u64::from_le_bytes(e[32..40].try_into().ok()?),
-                    len: u32::from_le_bytes(e[40..44].try_into().ok()?),
-                    raw_len: u32::from_le_bytes(e[44..48].try_into().ok()?),
+                    len,
+                    raw_len,
                     codec,
                 },
             ))
@@ -215,6 +226,76 @@ impl Drop for PackWriter {
         // Abandoned uploads (an error elsewhere) are waited for, never left running detached.
         while let Some(h) = self.uploads.pop_front() {
             let _ = self.store.join_upload(h);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(raw_len: u32, len: u32, codec: u8) -> Vec<u8> {
+        let mut e = vec![9u8; 32];
+        e.extend_from_slice(&0u64.to_le_bytes());
+        e.extend_from_slice(&len.to_le_bytes());
+        e.extend_from_slice(&raw_len.to_le_bytes());
+        e.push(codec);
+        e
+    }
+
+    fn index(n: u64, body: &[u8]) -> Vec<u8> {
+        let mut b = INDEX_MAGIC.to_vec();
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&7u128.to_le_bytes());
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn an_index_entry_larger_than_any_block_is_refused() {
+        assert!(parse_index(&index(1, &entry(64 << 10, 64 << 10, 0))).is_some());
+        assert!(parse_index(&index(1, &entry(u32::MAX, 100, 1))).is_none());
+        assert!(parse_index(&index(1, &entry(4096, u32::MAX, 1))).is_none());
+        assert!(parse_index(&index(u64::MAX, &entry(4096, 4096, 0))).is_none());
+    }
+
+    proptest! {
+        // Pack indexes and frames come from the store: any bytes give entries or an
+        // error, never a panic or an allocation beyond the largest block.
+        #[test]
+        fn any_index_bytes_parse_or_are_refused(
+            b in proptest::collection::vec(any::<u8>(), 0..300),
+            n in any::<u64>(),
+            entries in proptest::collection::vec((any::<u32>(), any::<u32>(), 0u8..3), 0..4),
+        ) {
+            let _ = parse_index(&b);
+            let body: Vec<u8> = entries.iter().flat_map(|&(r, l, c)| entry(r, l, c)).collect();
+            for idx in [index(n, &body), index(entries.len() as u64, &body)] {
+                if let Some(es) = parse_index(&idx) {
+                    for (_, loc) in es {
+                        prop_assert!(loc.raw_len as u64 <= ferry_blocks::MAX_BLOCK_SIZE);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn any_frame_decodes_to_its_length_or_fails(
+            frame in proptest::collection::vec(any::<u8>(), 0..2048),
+            raw_len in 0u32..(64 << 10),
+            zstd in any::<bool>(),
+        ) {
+            let loc = Location {
+                pack: 0,
+                offset: 0,
+                len: frame.len() as u32,
+                raw_len,
+                codec: if zstd { Codec::Zstd } else { Codec::Raw },
+            };
+            if let Some(d) = decode(&frame, loc) {
+                prop_assert_eq!(d.len(), raw_len as usize);
+            }
         }
     }
 }

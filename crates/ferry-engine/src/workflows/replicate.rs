@@ -14,7 +14,9 @@ impl Engine {
         opts: RunOpts,
     ) -> Result<Job> {
         ferry_model::validate_name("VM", vm)?;
-        if !(4096..=(4 << 20)).contains(&block_size) || !block_size.is_power_of_two() {
+        if !(4096..=ferry_blocks::MAX_BLOCK_SIZE).contains(&block_size)
+            || !block_size.is_power_of_two()
+        {
             bail!("block size {block_size} is not supported: use a power of two from 4KiB to 4MiB (default 64KiB)");
         }
         let site_rec = self.site(site)?;
