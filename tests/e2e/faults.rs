@@ -264,3 +264,100 @@ fn bandwidth_cap_limits_transfer_rate() {
     assert_job_state(&f.json(&["complete", "app"]), "succeeded");
     assert_all_identical(&prim, &rec);
 }
+
+/// A small ext4 file system on a loop device, mounted for the test and unmounted after it.
+struct SmallFs {
+    dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+impl SmallFs {
+    /// None (with a note) where loop mounts are not permitted.
+    fn mount(size_mib: u64) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let f = std::fs::File::create(&img).unwrap();
+        f.set_len(size_mib << 20).unwrap();
+        let ok = |c: &mut std::process::Command| c.output().is_ok_and(|o| o.status.success());
+        if !ok(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img))
+            || !ok(std::process::Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt))
+        {
+            eprintln!("note: disk-full test skipped: cannot loop-mount a file system here (needs root and /dev/loop*)");
+            return None;
+        }
+        Some(SmallFs { dir, mnt })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+        let _ = &self.dir;
+    }
+}
+
+#[test]
+fn a_full_primary_file_system_fails_the_failback_by_name_and_a_rerun_completes_once_freed() {
+    let Some(fs) = SmallFs::mount(48) else {
+        return;
+    };
+    let f = Ferry::new();
+    f.ok(&["init"]);
+    f.ok(&["site", "add", "prim", "--role", "primary"]);
+    f.ok(&["site", "add", "dr", "--role", "recovery"]);
+    f.add_host(PRIMARY_HOST, "prim", &["lan"], Some(&fs.mnt.join("h1")));
+    f.add_host(RECOVERY_HOST, "dr", &["lan"], None);
+    let (prim, rec) = f.failed_over_vm("app", &[32 * MIB], &["lan"], 2 * MIB);
+    let changed = 24 * MIB;
+    write_random(&rec[0], 4 * MIB, changed, 881);
+    // Something else fills the primary's file system.
+    let filler = fs.mnt.join("filler");
+    let out = std::process::Command::new("fallocate")
+        .args(["-l", "20M"])
+        .arg(&filler)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = f.run(&["failback", "app", "--auto-complete"]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("disk 0 of VM app on host h1")
+            && err.contains("is full")
+            && err.contains("free")
+            && err.contains("ferry failback app"),
+        "the failure names the disk, the space and the next command: {err}"
+    );
+    f.assert_state("app", "failback_interrupted");
+    let h1 = f.vm_show("app", Some("h1"));
+    assert_eq!(h1["disks"][0]["consistent"], false, "{h1}");
+    assert_eq!(h1["power"], "stopped", "{h1}");
+    let refused = f.fail(&["vm", "start", "app", "--host", "h1"]);
+    assert!(refused.contains("inconsistent"), "{refused}");
+    assert_eq!(
+        f.power("app", Some("r1")),
+        "running",
+        "the recovery VM keeps running"
+    );
+    // Space freed: the same command continues and ends bit-identical.
+    std::fs::remove_file(&filler).unwrap();
+    let job = f.json(&["failback", "app", "--auto-complete"]);
+    assert_job_state(&job, "succeeded");
+    assert_all_identical(&prim, &rec);
+    // What was written before the file system filled up is not written again.
+    assert!(
+        job_u64(&job, "bytes_written") <= changed + 5 * MIB,
+        "the re-run did not start over: {job}"
+    );
+    assert_eq!(f.power("app", Some("h1")), "running");
+}

@@ -385,6 +385,53 @@ pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<Ca
     Ok(CaptureOut { maps, marks })
 }
 
+/// A full file system under a disk being written, said plainly: which disk, how much space is
+/// free there, how much more the disk may take, and what to do. Other errors pass unchanged.
+pub fn explain_full_disk(e: anyhow::Error, disk: &str, path: &Path, vm: &str) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.raw_os_error())
+            == Some(libc::ENOSPC)
+    });
+    if !full {
+        return e;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let fmt = ferry_model::format_bytes;
+    // A sparse disk grows up to its size as blocks are written.
+    let more = std::fs::metadata(path)
+        .map(|m| fmt(m.len().saturating_sub(m.blocks() * 512)))
+        .unwrap_or_else(|_| "?".into());
+    let free = free_space(path.parent().unwrap_or(path))
+        .map(fmt)
+        .unwrap_or_else(|| "?".into());
+    anyhow!(
+        "{disk}: the file system holding {} is full ({free} free; the disk may take up to {more} more as it fills). Free space there, or move the host's root to a larger file system, then run `ferry failback {vm}` again: it continues where it stopped. Until then the disk stays marked inconsistent and the VM does not start",
+        path.display()
+    )
+}
+
+/// The image file of disk `index` of `vm` on this host, if the driver knows it.
+fn disk_path(driver: &dyn Hypervisor, vm: &str, index: u32) -> Option<PathBuf> {
+    let info = driver.get_vm(vm).ok()??;
+    info.disks
+        .into_iter()
+        .find(|d| d.index == index)
+        .map(|d| d.path)
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// The journal of apply writes to disk `index` of `vm`, and the file naming the map it
 /// continues.
 fn journal_files(dir: &Path, vm: &str, index: u32) -> (PathBuf, PathBuf) {
@@ -420,6 +467,7 @@ pub fn apply(env: &Env<'_>, store: &Arc<Store>, req: &ApplyReq) -> Result<ApplyO
         let mut journal = MapJournal::open(&jpath)?;
         let dev = env.driver.open_disk(&req.vm, d.index, true)?;
         drop(_prep);
+        let label = format!("disk {} of VM {} on host {host}", d.index, req.vm);
         let (b, n) = pipeline::apply(
             env.ctx,
             store,
@@ -427,8 +475,12 @@ pub fn apply(env: &Env<'_>, store: &Arc<Store>, req: &ApplyReq) -> Result<ApplyO
             &target,
             dev.as_ref(),
             &mut journal,
-            &format!("disk {} of VM {} on host {host}", d.index, req.vm),
-        )?;
+            &label,
+        )
+        .map_err(|e| match disk_path(env.driver, &req.vm, d.index) {
+            Some(p) => explain_full_disk(e, &label, &p, &req.vm),
+            None => e,
+        })?;
         out.blocks += b;
         out.bytes += n;
     }

@@ -460,11 +460,17 @@ pub fn pass(ctx: &JobCtx, spec: PassSpec<'_>) -> Result<PassResult> {
         // Whatever was processed is made durable, even when stopping early.
         if let Some((dev, journal)) = write.as_mut() {
             let _span = tracing::debug_span!("final_writes").entered();
-            let r = write_batch(ctx, *dev, journal, &target, &map, &mut batch)
-                .and_then(|_| Ok(dev.flush()?))
-                .and_then(|_| Ok(journal.sync()?));
+            let wrote = write_batch(ctx, *dev, journal, &target, &map, &mut batch);
+            // What was written is made durable even when a write failed (a full file system):
+            // the journal then lets a re-run skip it.
+            let synced = (|| -> Result<()> {
+                dev.flush()?;
+                journal.sync()?;
+                Ok(())
+            })();
             if failure.is_none() {
-                r?;
+                wrote?;
+                synced?;
                 ctx.batch_durable();
             }
         }
