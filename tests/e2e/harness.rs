@@ -310,6 +310,10 @@ impl Ferry {
             }
             None => {
                 c.arg("--home").arg(&self.home_path);
+                // Embedded, the command runs the jobs: it gets the environment a server would.
+                for (k, v) in &self.server_env {
+                    c.env(k, v);
+                }
             }
         }
         c.args(args);

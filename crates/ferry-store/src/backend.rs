@@ -15,7 +15,8 @@
 //!
 //! The container or bucket is created when missing. Requests are retried with exponential
 //! backoff on transient errors (connection failures, 5xx) for at most [`RETRY_TIMEOUT`], so a
-//! dead server fails a command in seconds, not minutes. `AZURE_TIMEOUT` / `AWS_TIMEOUT`
+//! dead server fails a command in seconds, not minutes (`FERRY_STORE_RETRY_SECS` changes that
+//! budget). `AZURE_TIMEOUT` / `AWS_TIMEOUT`
 //! (e.g. `300s`) override the per-request timeout ([`REQUEST_TIMEOUT`]) on slow links.
 use std::ops::Range;
 use std::sync::Arc;
@@ -178,8 +179,18 @@ fn retry_config() -> RetryConfig {
             base: 2.0,
         },
         max_retries: 12,
-        retry_timeout: RETRY_TIMEOUT,
+        retry_timeout: retry_budget(),
     }
+}
+
+/// How long a store operation keeps retrying: [`RETRY_TIMEOUT`], or `FERRY_STORE_RETRY_SECS`
+/// (a link known to drop for longer may want more; tests want less).
+pub fn retry_budget() -> Duration {
+    std::env::var("FERRY_STORE_RETRY_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(RETRY_TIMEOUT)
 }
 
 /// A store-level error with a message of ours (`store` names the service in the message).

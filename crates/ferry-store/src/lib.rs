@@ -184,13 +184,12 @@ impl Store {
     /// Reads pack indexes into memory, several at once (one request each: on a network store
     /// its latency, not its size, is the cost): every one (`full`), or those not read yet.
     fn load_index(&self, full: bool) -> Result<()> {
+        let at = self.path("index");
         let metas: Vec<_> = self
             .rt
-            .block_on(
-                self.os
-                    .list(Some(&self.path("index")))
-                    .try_collect::<Vec<_>>(),
-            )
+            .block_on(retry_cut_short(&self.url, || {
+                self.os.list(Some(&at)).try_collect::<Vec<_>>()
+            }))
             .map_err(self.backend())?;
         let listed: std::collections::HashSet<String> =
             metas.iter().map(|m| m.location.to_string()).collect();
@@ -214,8 +213,13 @@ impl Store {
         let mut idx = HashMap::new();
         let mut read = Vec::new();
         self.rt.block_on(async {
+            let url = &self.url;
             let mut fetched = futures::stream::iter(metas.into_iter().map(|m| async move {
-                let b = os.get(&m.location).await?.bytes().await?;
+                let b = retry_cut_short(url, || {
+                    let (os, at) = (os.clone(), m.location.clone());
+                    async move { os.get(&at).await?.bytes().await }
+                })
+                .await?;
                 Ok::<_, object_store::Error>((m.location, b))
             }))
             .buffer_unordered(INDEX_READS);
@@ -285,11 +289,11 @@ impl Store {
         let own = self.lease.lock().unwrap().as_ref().map(|l| l.path.clone());
         let leases: Vec<_> = self
             .rt
-            .block_on(
+            .block_on(retry_cut_short(&self.url, || {
                 self.os
                     .list(Some(&ObjPath::from("locks")))
-                    .try_collect::<Vec<_>>(),
-            )
+                    .try_collect::<Vec<_>>()
+            }))
             .map_err(self.backend())?;
         let now = chrono_now();
         Ok(leases.iter().any(|m| {
@@ -337,7 +341,10 @@ impl Store {
 
     fn get(&self, key: &ObjPath) -> Result<Bytes> {
         self.rt
-            .block_on(async { self.os.get(key).await?.bytes().await })
+            .block_on(retry_cut_short(&self.url, || {
+                let (os, key) = (self.os.clone(), key.clone());
+                async move { os.get(&key).await?.bytes().await }
+            }))
             .map_err(self.backend())
     }
 
@@ -444,7 +451,9 @@ impl Store {
                     .collect::<Result<_>>()?
             } else {
                 self.rt
-                    .block_on(self.os.get_ranges(&key, &ranges))
+                    .block_on(retry_cut_short(&self.url, || {
+                        self.os.get_ranges(&key, &ranges)
+                    }))
                     .map_err(self.backend())?
             };
             for (&i, frame) in idxs.iter().zip(frames) {
@@ -482,7 +491,9 @@ impl Store {
         let range = loc.offset as usize..(loc.offset + loc.len as u64) as usize;
         let frame = self
             .rt
-            .block_on(self.os.get_range(&key, range))
+            .block_on(retry_cut_short(&self.url, || {
+                self.os.get_range(&key, range.clone())
+            }))
             .map_err(self.backend())?;
         self.decode_checked(h, loc, &frame)
     }
@@ -521,13 +532,12 @@ impl Store {
         if self.others_active()? {
             return Ok(0); // another job may be writing or reading packs: try next time
         }
+        let points = self.path("points");
         let manifests: Vec<_> = self
             .rt
-            .block_on(
-                self.os
-                    .list(Some(&self.path("points")))
-                    .try_collect::<Vec<_>>(),
-            )
+            .block_on(retry_cut_short(&self.url, || {
+                self.os.list(Some(&points)).try_collect::<Vec<_>>()
+            }))
             .map_err(self.backend())?;
         let mut live = std::collections::HashSet::new();
         for m in manifests {
@@ -537,13 +547,12 @@ impl Store {
                 live.extend(d.hashes.iter().copied());
             }
         }
+        let index = self.path("index");
         let packs: Vec<_> = self
             .rt
-            .block_on(
-                self.os
-                    .list(Some(&self.path("index")))
-                    .try_collect::<Vec<_>>(),
-            )
+            .block_on(retry_cut_short(&self.url, || {
+                self.os.list(Some(&index)).try_collect::<Vec<_>>()
+            }))
             .map_err(self.backend())?;
         let now = chrono_now();
         let mut deleted = 0;
@@ -579,6 +588,54 @@ impl Store {
     }
 }
 
+/// Runs `op` (a request and the reading of its answer) again, with backoff and within the
+/// retry budget, while it fails with an answer that started and then broke off. object_store
+/// retries a request until its answer starts. A connection dropped in the middle of a body
+/// comes later and is retried here. Reads only: they can be repeated without effect.
+async fn retry_cut_short<T, Fut>(
+    url: &str,
+    mut op: impl FnMut() -> Fut,
+) -> std::result::Result<T, object_store::Error>
+where
+    Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
+{
+    let budget = backend::retry_budget();
+    let start = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        match op().await {
+            Err(e) if cut_short(&e) && start.elapsed() + wait < budget => {
+                tracing::debug!("store {url}: an answer broke off ({e}); asking again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(4));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// True when `e` is an answer that broke off (its body cut short or undecodable).
+fn cut_short(e: &object_store::Error) -> bool {
+    let mut text = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cur = c.source();
+    }
+    let text = text.to_lowercase();
+    [
+        "decoding response body",
+        "error reading a body",
+        "connection reset",
+        "connection closed before message completed",
+        "unexpected eof",
+        "end of file before message length",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
 fn chrono_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -603,6 +660,25 @@ impl Drop for Store {
 mod tests {
     use super::*;
     use ferry_blocks::BlockMap;
+
+    #[test]
+    fn only_answers_that_broke_off_are_asked_again_here() {
+        let generic = |m: &str| object_store::Error::Generic {
+            store: "S3",
+            source: m.to_string().into(),
+        };
+        assert!(cut_short(&generic("error decoding response body")));
+        assert!(cut_short(&generic(
+            "Connection reset by peer (os error 104)"
+        )));
+        assert!(!cut_short(&generic(
+            "Server returned non-2xx status code: 503"
+        )));
+        assert!(!cut_short(&object_store::Error::NotFound {
+            path: "x".into(),
+            source: "gone".into(),
+        }));
+    }
 
     fn open_temp() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
