@@ -22,6 +22,22 @@ struct Workflow {
     name: &'static str,
     prepare: fn(&Ferry),
     command: &'static [&'static str],
+    /// The VMs it works on.
+    vms: &'static [&'static str],
+}
+
+const APP: &[&str] = &["app"];
+/// The plan's VMs: `db` (first group), then `app`.
+const PLAN: &[&str] = &["db", "app"];
+
+/// Two VMs protected with one plan over them (db first), as `prepare` of a plan case.
+fn plan(f: &Ferry) {
+    f.setup_two_sites(&["lan"]);
+    for (vm, seed) in [("db", 21), ("app", 22)] {
+        let p = f.protected_vm(vm, &[DISK], &["lan"], 2 * MIB);
+        write_random(&p[0], 4 * MIB, MIB, seed);
+    }
+    f.ok(&["plan", "create", "shop", "--group", "db", "--group", "app"]);
 }
 
 fn vm_on_h1(f: &Ferry) {
@@ -56,16 +72,19 @@ const WORKFLOWS: &[Workflow] = &[
         name: "protect",
         prepare: vm_on_h1,
         command: &["protect", "app", "--to", "dr"],
+        vms: APP,
     },
     Workflow {
         name: "replicate",
         prepare: |f| write_random(&protected(f), 4 * MIB, MIB, 12),
         command: &["replicate", "app"],
+        vms: APP,
     },
     Workflow {
         name: "failover-planned",
         prepare: |f| write_random(&protected(f), 4 * MIB, MIB, 13),
         command: &["failover", "app", "--planned"],
+        vms: APP,
     },
     Workflow {
         name: "failover-unplanned",
@@ -76,6 +95,7 @@ const WORKFLOWS: &[Workflow] = &[
             f.ok(&["vm", "stop", "app", "--host", PRIMARY_HOST]);
         },
         command: &["failover", "app", "--unplanned"],
+        vms: APP,
     },
     Workflow {
         name: "commit-failover",
@@ -84,6 +104,7 @@ const WORKFLOWS: &[Workflow] = &[
             assert_job_state(&f.json(&["failover", "app", "--planned"]), "succeeded");
         },
         command: &["commit", "app"],
+        vms: APP,
     },
     Workflow {
         name: "failback-delta",
@@ -91,6 +112,7 @@ const WORKFLOWS: &[Workflow] = &[
             failed_over(f);
         },
         command: &["failback", "app", "--auto-complete"],
+        vms: APP,
     },
     Workflow {
         name: "failback-full",
@@ -98,11 +120,13 @@ const WORKFLOWS: &[Workflow] = &[
             failed_over(f);
         },
         command: &["failback", "app", "--sync", "full", "--auto-complete"],
+        vms: APP,
     },
     Workflow {
         name: "commit-failback",
         prepare: failed_back,
         command: &["commit", "app"],
+        vms: APP,
     },
     Workflow {
         name: "reverse-replicate",
@@ -112,6 +136,26 @@ const WORKFLOWS: &[Workflow] = &[
             write_random(&f.disk_paths("app", PRIMARY_HOST)[0], 5 * MIB, MIB, 17);
         },
         command: &["reverse-replicate", "app"],
+        vms: APP,
+    },
+    Workflow {
+        name: "plan-failover",
+        prepare: plan,
+        command: &["plan", "failover", "shop", "--planned"],
+        vms: PLAN,
+    },
+    Workflow {
+        name: "plan-failback",
+        prepare: |f| {
+            plan(f);
+            f.json(&["plan", "failover", "shop", "--planned"]);
+            f.json(&["plan", "commit", "shop"]);
+            for (vm, seed) in [("db", 23), ("app", 24)] {
+                write_random(&f.disk_paths(vm, RECOVERY_HOST)[0], MIB, MIB, seed);
+            }
+        },
+        command: &["plan", "failback", "shop", "--auto-complete"],
+        vms: PLAN,
     },
 ];
 
@@ -128,12 +172,15 @@ fn content_hash(p: &std::path::Path) -> u64 {
     h.finish()
 }
 
-/// Every copy of `app`, by host.
-fn copies(f: &Ferry) -> BTreeMap<String, Copy> {
+/// Every copy of each of `names`, by `VM@host`.
+fn copies(f: &Ferry, names: &[&str]) -> BTreeMap<String, Copy> {
     let mut out = BTreeMap::new();
-    for host in [PRIMARY_HOST, RECOVERY_HOST] {
+    for (host, name) in [PRIMARY_HOST, RECOVERY_HOST]
+        .into_iter()
+        .flat_map(|h| names.iter().map(move |n| (h, *n)))
+    {
         let vms = f.json(&["vm", "list", "--host", host]);
-        let Some(v) = vms.as_array().unwrap().iter().find(|v| v["name"] == "app") else {
+        let Some(v) = vms.as_array().unwrap().iter().find(|v| v["name"] == name) else {
             continue;
         };
         let disks = v["disks"]
@@ -148,7 +195,7 @@ fn copies(f: &Ferry) -> BTreeMap<String, Copy> {
             })
             .collect();
         out.insert(
-            host.to_string(),
+            format!("{name}@{host}"),
             Copy {
                 power: v["power"].as_str().unwrap().to_string(),
                 disks,
@@ -182,9 +229,15 @@ fn transferred_since(f: &Ferry, since: u64) -> u64 {
 /// The end of a run of a workflow's command: state, copies, bytes transferred.
 #[derive(Debug, Clone)]
 struct End {
-    state: String,
+    state: Vec<String>,
     copies: BTreeMap<String, Copy>,
     transferred: u64,
+}
+
+fn states(f: &Ferry, vms: &[&str]) -> Vec<String> {
+    vms.iter()
+        .map(|vm| f.status(vm)["state"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn reference(w: &Workflow) -> End {
@@ -193,11 +246,13 @@ fn reference(w: &Workflow) -> End {
     let since = last_job_id(&f);
     f.ok(w.command);
     let end = End {
-        state: f.status("app")["state"].as_str().unwrap().to_string(),
-        copies: copies(&f),
+        state: states(&f, w.vms),
+        copies: copies(&f, w.vms),
         transferred: transferred_since(&f, since),
     };
-    assert_eq!(f.json(&["verify", "app"])["ok"], true, "{}", w.name);
+    for vm in w.vms {
+        assert_eq!(f.json(&["verify", vm])["ok"], true, "{}", w.name);
+    }
     end
 }
 
@@ -206,7 +261,7 @@ fn reference(w: &Workflow) -> End {
 fn crash_case(w: &Workflow, point: &str, reference: &End) -> Result<(), String> {
     let f = Ferry::new();
     (w.prepare)(&f);
-    let before = copies(&f);
+    let before = copies(&f, w.vms);
     let since = last_job_id(&f);
     let out = f.crash_at(point, w.command);
     if !f.is_served() && out.status.signal() != Some(libc::SIGKILL) {
@@ -217,10 +272,15 @@ fn crash_case(w: &Workflow, point: &str, reference: &End) -> Result<(), String> 
         ));
     }
     // Invariants right after the crash.
-    let now = copies(&f);
-    let running: Vec<_> = now.iter().filter(|(_, c)| c.power == "running").collect();
-    if running.len() > 1 {
-        return Err(format!("VM runs at both sites: {now:?}"));
+    let now = copies(&f, w.vms);
+    for vm in w.vms {
+        let running = now
+            .iter()
+            .filter(|(k, c)| k.starts_with(&format!("{vm}@")) && c.power == "running")
+            .count();
+        if running > 1 {
+            return Err(format!("VM {vm} runs at both sites: {now:?}"));
+        }
     }
     for (host, c) in &now {
         for (i, &(consistent, h)) in c.disks.iter().enumerate() {
@@ -233,12 +293,14 @@ fn crash_case(w: &Workflow, point: &str, reference: &End) -> Result<(), String> 
             }
         }
     }
-    let st = f.status("app");
-    let names_next = st["job"]["error"]
-        .as_str()
-        .is_some_and(|e| e.contains("`ferry "));
-    if !names_next {
-        return Err(format!("the state names no next command: {st}"));
+    // The VM whose job the crash interrupted names the command that continues it.
+    let interrupted = w.vms.iter().map(|vm| f.status(vm)).find(|st| {
+        st["job"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("`ferry "))
+    });
+    if interrupted.is_none() {
+        return Err("no VM's state names a next command".into());
     }
     // The same command again finishes the work.
     let out = f.run(w.command);
@@ -249,13 +311,13 @@ fn crash_case(w: &Workflow, point: &str, reference: &End) -> Result<(), String> 
         ));
     }
     let end = End {
-        state: f.status("app")["state"].as_str().unwrap().to_string(),
-        copies: copies(&f),
+        state: states(&f, w.vms),
+        copies: copies(&f, w.vms),
         transferred: transferred_since(&f, since),
     };
     if end.state != reference.state {
         return Err(format!(
-            "ends in state {} instead of {}",
+            "ends in states {:?} instead of {:?}",
             end.state, reference.state
         ));
     }
@@ -271,9 +333,11 @@ fn crash_case(w: &Workflow, point: &str, reference: &End) -> Result<(), String> 
             end.transferred, reference.transferred
         ));
     }
-    let ver = f.json(&["verify", "app"]);
-    if ver["ok"] != true {
-        return Err(format!("the newest point does not verify: {ver}"));
+    for vm in w.vms {
+        let ver = f.json(&["verify", vm]);
+        if ver["ok"] != true {
+            return Err(format!("the newest point of {vm} does not verify: {ver}"));
+        }
     }
     Ok(())
 }

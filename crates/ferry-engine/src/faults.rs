@@ -115,6 +115,18 @@ pub const WORKFLOWS: &[Workflow] = &[
         kind: JobKind::ReverseReplicate,
         steps: REVERSE_REPLICATE,
     },
+    // A plan runs the same jobs, group by group: its points are theirs, reached by the first
+    // VM of the first group; a re-run of the plan command continues from there.
+    Workflow {
+        name: "plan-failover",
+        kind: JobKind::Failover,
+        steps: FAILOVER_PLANNED,
+    },
+    Workflow {
+        name: "plan-failback",
+        kind: JobKind::Failback,
+        steps: FAILBACK_DELTA,
+    },
 ];
 
 /// When in a step a fault point fires.
