@@ -151,6 +151,7 @@ pub fn run_data(o: &AgentOpts, client: &Client, task: AgentTask) -> AgentResult 
         request,
         threads,
         bandwidth,
+        mid_point,
     } = &task.op
     else {
         return fail("internal: not a data operation".into());
@@ -167,6 +168,7 @@ pub fn run_data(o: &AgentOpts, client: &Client, task: AgentTask) -> AgentResult 
     };
     let vm = req.vm().to_string();
     let ctx = ferry_engine::JobCtx::new(*threads, *bandwidth);
+    ctx.arm_mid_point(mid_point.clone());
     let counters = |ctx: &ferry_engine::JobCtx| {
         let (read, transferred, written, step_done) = ctx.counters();
         ferry_api::AgentCounters {

@@ -203,6 +203,10 @@ pub enum AgentOp {
         threads: usize,
         /// Cap on bytes per second crossing between the sites.
         bandwidth: Option<u64>,
+        /// The job step's `mid` fault point (tests: an agent whose `FERRY_FAULT` names it
+        /// kills itself after the operation's first durable batch).
+        #[serde(default)]
+        mid_point: Option<String>,
     },
 }
 

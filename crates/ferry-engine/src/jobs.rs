@@ -47,6 +47,17 @@ impl JobCtx {
         }
     }
 
+    /// The running step's `mid` fault point, while its first durable batch is ahead.
+    pub fn mid_point(&self) -> Option<String> {
+        self.mid_point.lock().unwrap().clone()
+    }
+
+    /// Arms `point` as the `mid` fault point of the work this context counts (an agent
+    /// arms the one of the control plane's step).
+    pub fn arm_mid_point(&self, point: Option<String>) {
+        *self.mid_point.lock().unwrap() = point;
+    }
+
     /// Called by a transfer each time a batch is durable (written and synced with its
     /// journal, or a pack stored with its index): the first one of a step is its `mid`
     /// fault point (see [`crate::faults`]).

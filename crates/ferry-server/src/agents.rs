@@ -436,6 +436,7 @@ impl ferry_engine::RemoteHosts for Remote {
             request: serde_json::to_value(req)?,
             threads: ctx.threads,
             bandwidth: ctx.bandwidth(),
+            mid_point: ctx.mid_point(),
         };
         // Agents report totals; the job counts what is new since the last report.
         let seen = std::cell::Cell::new(AgentCounters::default());
