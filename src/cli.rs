@@ -234,10 +234,18 @@ pub enum Cmd {
         /// Recover from an existing point without touching the primary
         #[arg(long, conflicts_with = "test")]
         unplanned: bool,
-        /// Test failover on an isolated switch (not available in this version)
-        #[arg(long)]
+        /// Test failover (a drill): start a throw-away copy (VM-test) at the recovery site
+        /// from a point, on an isolated switch; the VM stays protected and keeps replicating
+        #[arg(long, conflicts_with = "cleanup_test")]
         test: bool,
-        /// Recovery point for --unplanned: latest or an id from `ferry points`
+        /// Stop and delete the VM's test copy and its disks
+        #[arg(long, conflicts_with_all = ["planned", "unplanned"])]
+        cleanup_test: bool,
+        /// --test: the isolated switch of the copy's NICs (default ferry-test; never one of the
+        /// VM's production switches)
+        #[arg(long, requires = "test")]
+        switch: Option<String>,
+        /// Recovery point for --unplanned or --test: latest or an id from `ferry points`
         #[arg(long)]
         point: Option<String>,
         /// Recovery host (default: the first host of the recovery site)
@@ -974,14 +982,13 @@ pub fn run(cli: Cli) -> Result<()> {
             planned: _,
             unplanned,
             test,
+            cleanup_test,
+            switch,
             point,
             host,
             key,
             data,
         } => {
-            if *test {
-                bail!("test failover is not available in this version of ferry yet");
-            }
             let mode = if *unplanned {
                 FailoverMode::Unplanned
             } else {
@@ -995,8 +1002,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     )
                 })?),
             };
-            if point.is_some() && mode == FailoverMode::Planned {
-                bail!("--point applies to unplanned failovers; add --unplanned");
+            if point.is_some() && mode == FailoverMode::Planned && !*test {
+                bail!("--point applies to unplanned and test failovers; add --unplanned or --test");
             }
             let r = api(&cli)?.failover(
                 vm,
@@ -1004,6 +1011,9 @@ pub fn run(cli: Cli) -> Result<()> {
                     mode,
                     point,
                     host: host.clone(),
+                    test: *test,
+                    cleanup_test: *cleanup_test,
+                    switch: switch.clone(),
                     key: key_arg(key),
                     key_id: key_id_arg(key)?,
                     data: data.opts(),

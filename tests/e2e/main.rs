@@ -8,6 +8,7 @@ mod agents;
 mod cli;
 mod cloud;
 mod crashes;
+mod drills;
 mod encryption;
 mod failback_rules;
 mod faultproxy;

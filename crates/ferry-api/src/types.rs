@@ -420,6 +420,16 @@ pub struct FailoverReq {
     /// Recovery host (default: the first host of the recovery site).
     #[serde(default)]
     pub host: Option<String>,
+    /// A test failover (a drill): a throw-away copy on an isolated switch; the VM stays
+    /// protected. `mode` is then ignored.
+    #[serde(default)]
+    pub test: bool,
+    /// Stop and delete the VM's test copy.
+    #[serde(default)]
+    pub cleanup_test: bool,
+    /// Test failover: the isolated switch of the copy's NICs (default `ferry-test`).
+    #[serde(default)]
+    pub switch: Option<String>,
     /// Key file of an encrypted VM.
     #[serde(default)]
     pub key: Option<String>,
@@ -593,6 +603,24 @@ pub struct StatusView {
     /// Replication health against the RPO (server mode, protected VMs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo: Option<RpoView>,
+    /// The VM's test copy (a drill), while one exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<TestView>,
+}
+
+/// A running test copy of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TestView {
+    /// Recovery host it runs on.
+    pub host: String,
+    /// Its VM name there.
+    pub name: String,
+    /// The recovery point it was started from.
+    pub point: i64,
+    /// RFC 3339 time it was started.
+    pub started_at: String,
+    /// The isolated switch of its NICs.
+    pub switch: String,
 }
 
 /// `ferry plan create`.

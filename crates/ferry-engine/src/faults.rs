@@ -40,6 +40,10 @@ pub const FAILBACK_FULL: &[&str] = &[
     "download all blocks",
     "start primary VM",
 ];
+/// Steps of a test failover (a drill: a throw-away copy on an isolated switch).
+pub const FAILOVER_TEST: &[&str] = &["create test VM", "restore disks", "start test VM"];
+/// Steps of removing a test copy.
+pub const CLEANUP_TEST: &[&str] = &["delete test VM"];
 /// Steps of committing a failover.
 pub const COMMIT_FAILOVER: &[&str] = &["commit failover"];
 /// Steps of committing a failback.
@@ -89,6 +93,16 @@ pub const WORKFLOWS: &[Workflow] = &[
         name: "failover-unplanned",
         kind: JobKind::Failover,
         steps: FAILOVER_UNPLANNED,
+    },
+    Workflow {
+        name: "failover-test",
+        kind: JobKind::Failover,
+        steps: FAILOVER_TEST,
+    },
+    Workflow {
+        name: "cleanup-test",
+        kind: JobKind::Failover,
+        steps: CLEANUP_TEST,
     },
     Workflow {
         name: "commit-failover",

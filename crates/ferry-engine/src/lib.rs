@@ -27,7 +27,8 @@ pub use jobs::{Cancelled, JobCtx, Observer};
 pub use plans::{PlanAction, PlanRun, PlanStep};
 
 pub use workflows::{
-    parse_rfc3339, DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts, VerifyReport,
+    parse_rfc3339, test_copy_name, DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts,
+    TestCopy, VerifyReport, TEST_SWITCH,
 };
 
 /// Which copy of a protected VM a map or stamp describes.
@@ -83,6 +84,9 @@ pub struct ItemExtra {
     /// an apply even when the maps agree.
     #[serde(default)]
     pub apply_pending: Option<String>,
+    /// The test copy (a drill) running at the recovery site, if any.
+    #[serde(default)]
+    pub test: Option<TestCopy>,
 }
 
 /// The shape of a protected VM (everything but its disks' content).
@@ -118,6 +122,9 @@ pub struct Status {
     /// The job running, waiting or last interrupted for this VM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<Job>,
+    /// Its test copy, while one exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test: Option<TestCopy>,
 }
 
 /// One ferry installation opened by this process.
@@ -581,11 +588,13 @@ impl Engine {
             Some(id) => self.vault.job(id)?,
             None => None,
         };
+        let test = self.extra(vm)?.test;
         Ok(Status {
             vm: item.vm,
             state: item.state,
             active_site: item.state.active_side().as_str().into(),
             job,
+            test,
         })
     }
 
@@ -607,14 +616,18 @@ impl Engine {
                 if v.job(job.id)?.map(|j| j.state) != Some(ferry_model::JobState::Running) {
                     return Ok(());
                 }
+                let params = v.job_params(job.id)?;
+                let side = workflows::side_mode(&params);
                 let msg = format!(
-                    "interrupted: the ferry process running this job stopped unexpectedly; run `ferry {} {}` to resume",
+                    "interrupted: the ferry process running this job stopped unexpectedly; run `ferry {} {}{}` to resume",
                     workflows::resume_command(job.kind),
-                    job.vm
+                    job.vm,
+                    side.map(|m| format!(" --{m}")).unwrap_or_default()
                 );
                 v.set_job_state(job.id, ferry_model::JobState::Failed, Some(&msg))?;
                 if let Some(mut item) = v.item(&job.vm)? {
-                    if item.job == Some(job.id) {
+                    // A drill's job leaves the lifecycle state alone.
+                    if item.job == Some(job.id) && side.is_none() {
                         let cmd = workflows::command_of(job.kind, item.state, &v.job_params(job.id)?);
                         item.state = ferry_model::finish(item.state, cmd, ferry_model::Outcome::Abandoned);
                         v.update_item(&item)?;

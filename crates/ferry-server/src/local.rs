@@ -211,6 +211,13 @@ impl Local {
             active_site: s.active_site,
             job: s.job,
             rpo,
+            test: s.test.map(|t| ferry_api::TestView {
+                host: t.host,
+                name: t.name,
+                point: t.point,
+                started_at: t.started_at,
+                switch: t.switch,
+            }),
         })
     }
 }
@@ -379,15 +386,26 @@ impl Api for Local {
 
     fn failover(&self, vm: &str, req: &FailoverReq) -> ApiResult<RunReply> {
         let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
-        let job = e
-            .failover(
+        let job = if req.cleanup_test {
+            e.cleanup_test(vm, opts(&req.data))
+        } else if req.test {
+            e.test_failover(
+                vm,
+                req.point,
+                req.host.as_deref(),
+                req.switch.as_deref(),
+                opts(&req.data),
+            )
+        } else {
+            e.failover(
                 vm,
                 req.mode,
                 req.point,
                 req.host.as_deref(),
                 opts(&req.data),
             )
-            .map_err(refused)?;
+        }
+        .map_err(refused)?;
         Ok(Self::reply(job, &notes))
     }
 
@@ -440,6 +458,7 @@ impl Api for Local {
                     active_site: "primary".into(),
                     job: None,
                     rpo: None,
+                    test: None,
                 })
             }
         }

@@ -35,6 +35,15 @@ impl Engine {
                 };
                 self.failback(vm, &o)?.0
             }
+            JobKind::Failover if side_mode(&params) == Some("test") => {
+                let point = params.get("point").and_then(|p| p.as_i64());
+                let host = params.get("host").and_then(|h| h.as_str());
+                let switch = params.get("switch").and_then(|h| h.as_str());
+                Some(self.test_failover(vm, point, host, switch, opts)?)
+            }
+            JobKind::Failover if side_mode(&params) == Some("cleanup-test") => {
+                Some(self.cleanup_test(vm, opts)?)
+            }
             JobKind::Failover => {
                 let mode = match params.get("mode").and_then(|m| m.as_str()) {
                     Some("unplanned") => FailoverMode::Unplanned,
@@ -120,23 +129,7 @@ impl Engine {
         let store = self.item_store(&item, &hosts)?;
         let at: Vec<&Host> = store.agent().into_iter().collect();
         self.require_key(vm, &at)?;
-        let p = match point {
-            Some(id) => self
-                .vault
-                .point(id)?
-                .filter(|p| p.vm == vm)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "VM {vm} has no recovery point {id}; list them with `ferry points {vm}`"
-                    )
-                })?,
-            None => self
-                .vault
-                .points(vm)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| anyhow!("VM {vm} has no recovery point yet"))?,
-        };
+        let p = self.point_of(vm, point)?;
         let ctx = JobCtx::new(1, None);
         let out = store.verify(&ctx, &|_| {}, &p.manifest, p.id)?;
         let (blocks, bytes) = (out.blocks, out.bytes);

@@ -15,23 +15,8 @@ impl Engine {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
         let next = begin(vm, item.state, Command::Failover)?;
-        let rhost = match host {
-            Some(h) => self.host(h)?,
-            None => self
-                .vault
-                .hosts()?
-                .into_iter()
-                .find(|h| h.site == item.recovery_site)
-                .ok_or_else(|| anyhow!("recovery site {} has no host; add one with `ferry host add NAME --site {} --driver dir`", item.recovery_site, item.recovery_site))?,
-        };
-        if rhost.site != item.recovery_site {
-            bail!(
-                "host {} is at site {}, not at VM {vm}'s recovery site {}",
-                rhost.name,
-                rhost.site,
-                item.recovery_site
-            );
-        }
+        self.refuse_while_testing(vm)?;
+        let rhost = self.recovery_host_for(&item, host)?;
         let rd = self.driver(&rhost)?;
         rd.check_connected()?;
         let phost = self.host(&item.primary_host)?;

@@ -20,12 +20,16 @@ use crate::pipeline::{pass, PassSpec};
 use crate::{Copy, CopyState, Engine, ItemExtra};
 
 mod control;
+mod drill;
 mod failback;
 mod failover;
 mod item_store;
 mod replicate;
 
 use item_store::ItemStore;
+
+pub(crate) use drill::side_mode;
+pub use drill::{test_copy_name, TestCopy, TEST_SWITCH};
 
 /// Resources a data-moving command may use (recorded with its job, so a control plane that
 /// continues the job after a restart keeps them).
@@ -318,6 +322,18 @@ impl Engine {
             |env| data::scan(env, self.item_hasher(&item.vm)?, &req),
         )?;
         Ok(req.disks.iter().map(|d| d.index).zip(out.disks).collect())
+    }
+
+    /// Point `id` of `vm`, or its newest point.
+    pub(super) fn point_of(&self, vm: &str, id: Option<i64>) -> Result<RecoveryPoint> {
+        match id {
+            Some(id) => self.vault.point(id)?.filter(|p| p.vm == vm).ok_or_else(|| {
+                anyhow!("VM {vm} has no recovery point {id}; list them with `ferry points {vm}`")
+            }),
+            None => self.vault.points(vm)?.into_iter().next().ok_or_else(|| {
+                anyhow!("VM {vm} has no recovery point yet; run `ferry replicate {vm}`")
+            }),
+        }
     }
 
     /// The store of an item as a data operation names it.

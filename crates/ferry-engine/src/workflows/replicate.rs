@@ -237,10 +237,13 @@ impl Engine {
     ) -> Result<()> {
         let points = self.vault.points(&item.vm)?;
         let cutoff = now_secs() - item.retention_secs as i64;
+        // A test copy's point stays while the copy exists.
+        let in_use = self.extra(&item.vm)?.test.map(|t| t.point);
         let expired: Vec<_> = points
             .iter()
             .skip(1)
             .filter(|p| parse_rfc3339(&p.created_at).unwrap_or(i64::MAX) < cutoff)
+            .filter(|p| Some(p.id) != in_use)
             .collect();
         if expired.is_empty() {
             return Ok(());
