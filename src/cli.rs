@@ -900,7 +900,7 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 for v in out {
                     println!(
-                        "{:<20} {:<12} {:<10} {:?} disks={}",
+                        "{:<20} {:<12} {:<10} {:<8} disks={}",
                         v.name,
                         v.host,
                         v.site,
