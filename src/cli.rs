@@ -471,8 +471,18 @@ pub enum PlanCmd {
         #[arg(long, conflicts_with = "unplanned")]
         planned: bool,
         /// Recover from the latest points without touching the primaries
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["test", "cleanup_test"])]
         unplanned: bool,
+        /// A drill: a test copy of every VM, group by group, on an isolated switch (the VMs
+        /// stay protected; see `ferry failover --test`)
+        #[arg(long, conflicts_with_all = ["planned", "cleanup_test"])]
+        test: bool,
+        /// Remove every VM's test copy
+        #[arg(long, conflicts_with = "planned")]
+        cleanup_test: bool,
+        /// --test: the isolated switch (default ferry-test)
+        #[arg(long, requires = "test")]
+        switch: Option<String>,
         /// Recovery host for every VM
         #[arg(long)]
         host: Option<String>,
@@ -1309,6 +1319,9 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
         verify: false,
         key: None,
         key_id: None,
+        test: false,
+        cleanup_test: false,
+        switch: None,
         data: DataOpts::default(),
     };
     let (name, req) = match p {
@@ -1346,6 +1359,9 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             name,
             planned: _,
             unplanned,
+            test,
+            cleanup_test,
+            switch,
             host,
             key,
             data,
@@ -1357,6 +1373,9 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
                 } else {
                     FailoverMode::Planned
                 },
+                test: *test,
+                cleanup_test: *cleanup_test,
+                switch: switch.clone(),
                 host: host.clone(),
                 key: key_arg(key),
                 key_id: key_id_arg(key)?,

@@ -97,3 +97,46 @@ fn plan_fails_over_and_back_group_by_group_with_one_complete() {
         .fail(&["plan", "create", "bad", "--group", "ghost"])
         .contains("ghost"));
 }
+
+#[test]
+fn a_plan_drill_starts_a_test_copy_of_every_vm_and_its_cleanup_removes_them_all() {
+    let f = Ferry::new();
+    f.setup_two_sites(&["lan"]);
+    for vm in ["db1", "app1"] {
+        f.protected_vm(vm, &[4 * MIB], &["lan"], 2 * MIB);
+    }
+    f.ok(&[
+        "plan", "create", "shop", "--group", "db1", "--group", "app1",
+    ]);
+    let run = f.json(&["plan", "failover", "shop", "--test"]);
+    let order = jobs_in_order(&run);
+    assert_eq!(
+        order.iter().map(|o| o.0.as_str()).collect::<Vec<_>>(),
+        ["db1", "app1"],
+        "{run}"
+    );
+    for vm in ["db1", "app1"] {
+        f.assert_state(vm, "protected");
+        assert_eq!(f.status(vm)["test"]["name"], format!("{vm}-test"));
+        assert_eq!(f.power(&format!("{vm}-test"), Some("r1")), "running");
+    }
+    // A re-run skips what is done; a real plan failover waits for the clean-up.
+    let again = f.json(&["plan", "failover", "shop", "--test"]);
+    assert!(jobs_in_order(&again).is_empty(), "{again}");
+    let err = f.fail(&["plan", "failover", "shop", "--planned"]);
+    assert!(err.contains("--cleanup-test"), "{err}");
+    f.json(&["plan", "failover", "shop", "--cleanup-test"]);
+    for vm in ["db1", "app1"] {
+        assert!(f.status(vm).get("test").is_none());
+        assert!(!f
+            .json(&["vm", "list", "--host", "r1"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == format!("{vm}-test")));
+    }
+    f.json(&["plan", "failover", "shop", "--planned"]);
+    for vm in ["db1", "app1"] {
+        f.assert_state(vm, "failover_commit_pending");
+    }
+}

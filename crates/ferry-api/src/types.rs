@@ -670,6 +670,15 @@ pub struct PlanRunReq {
     /// failover: the recovery host of every VM.
     #[serde(default)]
     pub host: Option<String>,
+    /// failover: a drill (a test copy of every VM; see `FailoverReq::test`).
+    #[serde(default)]
+    pub test: bool,
+    /// failover: remove every VM's test copy.
+    #[serde(default)]
+    pub cleanup_test: bool,
+    /// failover with `test`: the isolated switch (default `ferry-test`).
+    #[serde(default)]
+    pub switch: Option<String>,
     /// failback: its options (`host` there is the alternate primary host).
     #[serde(default)]
     pub failback: Option<FailbackReq>,

@@ -26,6 +26,15 @@ pub enum PlanAction {
     Commit,
     /// Protect every failed-back VM again.
     ReverseReplicate,
+    /// A drill: a test copy of every VM (see [`Engine::test_failover`]).
+    Test {
+        /// Recovery host for every copy.
+        host: Option<String>,
+        /// Isolated switch (default `ferry-test`).
+        switch: Option<String>,
+    },
+    /// Remove every VM's test copy.
+    CleanupTest,
 }
 
 impl PlanAction {
@@ -36,6 +45,8 @@ impl PlanAction {
             PlanAction::Complete { .. } => "complete",
             PlanAction::Commit => "commit",
             PlanAction::ReverseReplicate => "reverse-replicate",
+            PlanAction::Test { .. } => "failover --test",
+            PlanAction::CleanupTest => "failover --cleanup-test",
         }
     }
 
@@ -46,6 +57,8 @@ impl PlanAction {
             PlanAction::Complete { .. } => Command::Complete,
             PlanAction::Commit => Command::Commit,
             PlanAction::ReverseReplicate => Command::ReverseReplicate,
+            // A drill's precondition (a protected VM) is checked as a failover's.
+            PlanAction::Test { .. } | PlanAction::CleanupTest => Command::Failover,
         }
     }
 
@@ -60,6 +73,8 @@ impl PlanAction {
             PlanAction::Complete { .. } => s == ItemState::FailbackCommitPending,
             PlanAction::Commit => matches!(s, ItemState::FailedOver | ItemState::FailedBack),
             PlanAction::ReverseReplicate => s == ItemState::Protected,
+            // Drills are decided by the VM's test copy (see `Engine::plan_done`).
+            PlanAction::Test { .. } | PlanAction::CleanupTest => false,
         }
     }
 }
@@ -93,6 +108,17 @@ impl Engine {
         })
     }
 
+    /// True when `item`'s VM already went through `action` (a re-run skips it).
+    fn plan_done(&self, action: &PlanAction, item: &ferry_model::ProtectedItem) -> Result<bool> {
+        Ok(match action {
+            PlanAction::Test { .. } => {
+                self.extra(&item.vm)?.test.is_some() && !self.last_side_job_failed(item, "test")?
+            }
+            PlanAction::CleanupTest => self.extra(&item.vm)?.test.is_none(),
+            a => a.done(item.state),
+        })
+    }
+
     /// Runs `action` on every VM of the plan, group after group.
     pub fn run_plan(&self, name: &str, action: PlanAction, opts: RunOpts) -> Result<PlanRun> {
         let groups = self.plan(name)?;
@@ -100,11 +126,20 @@ impl Engine {
         // Every VM must be able to take the step before any VM takes it.
         for vm in groups.iter().flatten() {
             let item = self.item(vm).with_context(|| format!("plan {name}"))?;
-            if action.done(item.state) {
+            if self.plan_done(&action, &item)? {
                 continue;
             }
-            begin(vm, item.state, cmd)
-                .with_context(|| format!("plan {name}: nothing was changed"))?;
+            match &action {
+                PlanAction::Test { .. } if item.state != ItemState::Protected => bail!(
+                    "plan {name}: a drill needs every VM protected, and VM {vm} is {}; nothing was changed",
+                    item.state.as_str()
+                ),
+                PlanAction::Test { .. } | PlanAction::CleanupTest => {}
+                _ => {
+                    begin(vm, item.state, cmd)
+                        .with_context(|| format!("plan {name}: nothing was changed"))?;
+                }
+            }
             if let Some(id) = item.job {
                 if self
                     .vault
@@ -124,7 +159,7 @@ impl Engine {
             let mut steps = Vec::new();
             for vm in group {
                 let item = self.item(vm)?;
-                if action.done(item.state) {
+                if self.plan_done(&action, &item)? {
                     steps.push(PlanStep {
                         vm: vm.clone(),
                         job: None,
@@ -149,6 +184,10 @@ impl Engine {
                     PlanAction::ReverseReplicate => self
                         .reverse_replicate(vm, opts, false)
                         .map(|j| (Some(j), None)),
+                    PlanAction::Test { host, switch } => self
+                        .test_failover(vm, None, host.as_deref(), switch.as_deref(), opts)
+                        .map(|j| (Some(j), None)),
+                    PlanAction::CleanupTest => self.cleanup_test(vm, opts).map(|j| (Some(j), None)),
                 };
                 let (job, dry_run) = r.with_context(|| {
                     format!(

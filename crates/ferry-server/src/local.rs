@@ -521,6 +521,11 @@ impl Api for Local {
         use ferry_engine::PlanAction;
         let (e, _) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let action = match req.action {
+            PlanActionKind::Failover if req.cleanup_test => PlanAction::CleanupTest,
+            PlanActionKind::Failover if req.test => PlanAction::Test {
+                host: req.host.clone(),
+                switch: req.switch.clone(),
+            },
             PlanActionKind::Failover => PlanAction::Failover {
                 mode: req.mode,
                 host: req.host.clone(),

@@ -227,7 +227,7 @@ impl Engine {
 
     /// True when the item's current job is a drill job of `mode` (`test`, `cleanup-test`)
     /// that did not succeed: running that command again redoes it.
-    fn last_side_job_failed(&self, item: &ProtectedItem, mode: &str) -> Result<bool> {
+    pub(crate) fn last_side_job_failed(&self, item: &ProtectedItem, mode: &str) -> Result<bool> {
         let Some(id) = item.job else {
             return Ok(false);
         };
