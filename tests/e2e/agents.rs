@@ -1124,7 +1124,7 @@ fn every_fault_point_survives_a_killed_control_plane_with_agent_hosts() {
     }
     // Every point but the `mid` ones, which fire inside agents (see the test above); plans
     // run the same jobs.
-    let cases: Vec<(&AgentCase, String)> = s_points()
+    let cases: Vec<(&AgentCase, String)> = crate::matrix::fault_points()
         .into_iter()
         .filter(|(w, p)| !p.ends_with("/mid") && !w.starts_with("plan-"))
         .map(|(w, p)| {
@@ -1165,25 +1165,6 @@ fn every_fault_point_survives_a_killed_control_plane_with_agent_hosts() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// (workflow, point) of every fault point, as `ferry debug fault-points` lists them.
-fn s_points() -> Vec<(String, String)> {
-    let out = std::process::Command::new(Ferry::bin())
-        .args(["--json", "debug", "fault-points"])
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["workflow"].as_str().unwrap().to_string(),
-                p["point"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn every_data_step_survives_its_agent_killed_after_the_first_durable_batch() {
     if !can_unshare() {
@@ -1191,7 +1172,7 @@ fn every_data_step_survives_its_agent_killed_after_the_first_durable_batch() {
     }
     // The data steps' `mid` points, from the code; plans run the same jobs (the server's
     // matrix covers them), commits move no data.
-    let listed = s_points();
+    let listed = crate::matrix::fault_points();
     let cases: Vec<(&AgentCase, String)> = listed
         .into_iter()
         .filter(|(w, p)| p.ends_with("/mid") && !w.starts_with("plan-"))

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::harness::*;
 
-fn enabled(var: &str) -> bool {
+pub(crate) fn enabled(var: &str) -> bool {
     if std::env::var(var).as_deref() == Ok("1") {
         return true;
     }
@@ -14,7 +14,7 @@ fn enabled(var: &str) -> bool {
     false
 }
 
-fn unique(prefix: &str) -> String {
+pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}{}{}", std::process::id(), rand_suffix())
 }
 

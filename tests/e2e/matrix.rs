@@ -381,11 +381,14 @@ fn crash_case(w: &Workflow, point: &str, reference: &End) -> Result<(), String> 
     Ok(())
 }
 
-#[test]
-fn every_fault_point_of_every_workflow_crashes_and_recovers() {
-    let listed = Ferry::new().json(&["debug", "fault-points"]);
-    let points: Vec<(String, String)> = listed
-        .as_array()
+/// (workflow, point) of every fault point, as `ferry debug fault-points` lists them.
+pub(crate) fn fault_points() -> Vec<(String, String)> {
+    let out = std::process::Command::new(Ferry::bin())
+        .args(["--json", "debug", "fault-points"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
         .unwrap()
         .iter()
         .map(|p| {
@@ -394,7 +397,12 @@ fn every_fault_point_of_every_workflow_crashes_and_recovers() {
                 p["point"].as_str().unwrap().to_string(),
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn every_fault_point_of_every_workflow_crashes_and_recovers() {
+    let points = fault_points();
     let known: Vec<&str> = WORKFLOWS.iter().map(|w| w.name).collect();
     for (w, _) in &points {
         assert!(

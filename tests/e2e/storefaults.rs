@@ -5,25 +5,9 @@
 //! and a re-run continues. Run when FERRY_TEST_AZURE=1 / FERRY_TEST_S3=1 (`.ci/run`).
 use std::time::Duration;
 
+use crate::cloud::{enabled, unique};
 use crate::faultproxy::{Fault, FaultProxy};
 use crate::harness::*;
-
-fn enabled(var: &str) -> bool {
-    if std::env::var(var).as_deref() == Ok("1") {
-        return true;
-    }
-    println!("skipped: set {var}=1 (with the server running: scripts/services.sh start)");
-    false
-}
-
-fn unique(prefix: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        % 1_000_000;
-    format!("{prefix}{}{t}", std::process::id())
-}
 
 /// The store server `kind` (`azure`, `s3`) behind a new proxy, and a Ferry whose commands
 /// (or server) reach it only through the proxy, with a retry budget of `budget_s` seconds.

@@ -412,7 +412,7 @@ pub fn explain_full_disk(e: anyhow::Error, disk: &str, path: &Path, vm: &str) ->
 }
 
 /// The image file of disk `index` of `vm` on this host, if the driver knows it.
-fn disk_path(driver: &dyn Hypervisor, vm: &str, index: u32) -> Option<PathBuf> {
+pub(crate) fn disk_path(driver: &dyn Hypervisor, vm: &str, index: u32) -> Option<PathBuf> {
     let info = driver.get_vm(vm).ok()??;
     info.disks
         .into_iter()

@@ -454,10 +454,6 @@ impl Engine {
                 .load_map(vm, Copy::Primary, d.index)?
                 .unwrap_or_else(|| BlockMap::unknown(d.size, block_size));
             let dst = td.open_disk(vm, d.index, true)?;
-            let dst_path = td
-                .get_vm(vm)?
-                .and_then(|t| t.disks.into_iter().find(|x| x.index == d.index))
-                .map(|x| x.path);
             let mut journal = MapJournal::open(&self.journal_path(vm, Copy::Primary, d.index))?;
             let r = pass(
                 &run.ctx,
@@ -472,11 +468,11 @@ impl Engine {
                     known: ks,
                 },
             )
-            .map_err(|e| match &dst_path {
+            .map_err(|e| match data::disk_path(td, vm, d.index) {
                 Some(p) => data::explain_full_disk(
                     e,
                     &format!("disk {} of VM {vm} on host {}", d.index, td.host().name),
-                    p,
+                    &p,
                     vm,
                 ),
                 None => e,
