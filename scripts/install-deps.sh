@@ -4,7 +4,8 @@
 #   scripts/install-deps.sh            # test deps: rsync, hyperfine, GNU time, curl, openssl
 #                                      # (test certificates), unshare (agents' namespaces),
 #                                      # QEMU (qemu-system-x86 + libnbd-bin from bookworm-backports),
-#                                      # Azurite (npm, into .ci/node) and moto (pip; S3 API server)
+#                                      # Azurite (npm, into .ci/node) and moto (pip; S3 API server),
+#                                      # and the test guest image (scripts/guest-image.sh)
 #   scripts/install-deps.sh --bench    # + b3sum (cargo install; a few minutes the first time)
 #   scripts/install-deps.sh --no-qemu  # everything but QEMU (its e2e tests then skip with a note)
 #
@@ -188,7 +189,12 @@ install_moto() {
 # ---------------------------------------------------------------------------
 install_base
 # QEMU before the rest: the qemu driver's end-to-end tests need it (quick when present).
-if [ "$want_qemu" -eq 1 ]; then install_qemu; fi
+if [ "$want_qemu" -eq 1 ]; then
+    install_qemu
+    # The test guest (Debian's kernel + a busybox/qemu-guest-agent initramfs) the real-guest
+    # tests and `ferry demo --guest` boot; a few seconds, skipped when current.
+    bash "$(dirname "${BASH_SOURCE[0]}")/guest-image.sh"
+fi
 install_azurite
 install_moto
 if [ "$want_bench" -eq 1 ]; then install_b3sum; fi

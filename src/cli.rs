@@ -195,12 +195,24 @@ pub enum Cmd {
         /// Key file (`ferry key new FILE`); required for failover, failback and verify of an encrypted VM
         #[arg(long)]
         key: Option<PathBuf>,
+        /// `ferry serve` takes an app-consistent point (guest file systems frozen through the
+        /// QEMU guest agent) whenever the newest one is this old, e.g. 1h
+        #[arg(long, value_parser = parse_duration_arg)]
+        app_consistent_every: Option<Duration>,
+        /// How long app-consistent points are kept (beyond --retention)
+        #[arg(long, value_parser = parse_duration_arg)]
+        app_retention: Option<Duration>,
         #[command(flatten)]
         data: DataFlags,
     },
     /// Run one replication cycle now (a new recovery point).
     ///
     /// Example: ferry replicate web1
+    ///
+    /// With --app-consistent the guest's file systems are frozen through the QEMU guest agent
+    /// while the snapshot is taken (about a second); a guest that cannot freeze yields a
+    /// crash-consistent point and a job note saying why. `ferry points` shows each point's
+    /// consistency.
     Replicate {
         /// VM
         vm: String,
@@ -211,6 +223,9 @@ pub enum Cmd {
         /// notes whether tracking agreed)
         #[arg(long)]
         verify: bool,
+        /// Freeze the guest's file systems around the snapshot (an app-consistent point)
+        #[arg(long)]
+        app_consistent: bool,
         #[command(flatten)]
         data: DataFlags,
     },
@@ -223,8 +238,11 @@ pub enum Cmd {
     },
     /// Fail a VM over to its recovery site.
     ///
-    /// Example: ferry failover web1 --planned        (stops the primary, no data loss)
-    ///          ferry failover web1 --unplanned --point latest
+    /// Examples:
+    ///   ferry failover web1 --planned        (stops the primary, no data loss)
+    ///   ferry failover web1 --unplanned --point latest-app-consistent
+    ///   ferry failover web1 --point 41       (awaiting commit: move to another point)
+    ///   ferry failover web1 --test           (a drill; then --cleanup-test)
     Failover {
         /// VM
         vm: String,
@@ -245,7 +263,9 @@ pub enum Cmd {
         /// VM's production switches)
         #[arg(long, requires = "test")]
         switch: Option<String>,
-        /// Recovery point for --unplanned or --test: latest or an id from `ferry points`
+        /// Recovery point for --unplanned or --test: latest, latest-app-consistent or an id
+        /// from `ferry points`. While a failover awaits commit, `--point ID` alone moves the
+        /// recovery copy to that point (what it wrote since is discarded)
         #[arg(long)]
         point: Option<String>,
         /// Recovery host (default: the first host of the recovery site)
@@ -445,21 +465,58 @@ pub enum Cmd {
         /// change tracking by dirty bitmaps; needs QEMU installed)
         #[arg(long, default_value = "dir")]
         driver: String,
+        /// With --driver qemu: the VM boots ferry's test guest (`scripts/guest-image.sh`),
+        /// which writes checksummed files throughout, and the demo prints the guest's own
+        /// file-system and checksum check after each move
+        #[arg(long)]
+        guest: bool,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum PlanCmd {
     /// Create a plan. Example: ferry plan create shop --group db1 --group app1,app2
+    ///
+    /// Steps around a group follow the --group they belong to; they run when the plan fails
+    /// over (drills too) or back:
+    ///
+    ///   ferry plan create shop \
+    ///     --group db1 --pre 'notify-oncall start' --pause 'check the database, then: ferry plan resume shop' \
+    ///     --group app1,app2,app3 --parallel 2 --post 'curl -fsS http://lb/health' --timeout 2m
+    ///
+    /// --pre/--post run `sh -c CMD` where the plan runs (this process, or `ferry serve`) with
+    /// FERRY_PLAN, FERRY_PLAN_ACTION, FERRY_PLAN_GROUP, FERRY_PLAN_STEP and FERRY_PLAN_VMS set;
+    /// a non-zero exit or a timeout stops the plan before anything later changes. --pause
+    /// stops the plan after the group until `ferry plan resume NAME`.
     Create {
         /// Plan name
         name: String,
         /// A group of VMs (comma-separated); groups run in the order given
         #[arg(long = "group", required = true)]
         groups: Vec<String>,
+        /// Command run before the group's VMs (applies to the --group before it)
+        #[arg(long)]
+        pre: Vec<String>,
+        /// Command run after the group's VMs
+        #[arg(long)]
+        post: Vec<String>,
+        /// Longest the group's --pre/--post may run (default 5m)
+        #[arg(long, value_parser = parse_duration_arg)]
+        timeout: Vec<Duration>,
+        /// Stop after the group with this text until `ferry plan resume NAME`
+        #[arg(long)]
+        pause: Vec<String>,
+        /// VMs of the group that fail over (or back) at once (default 1)
+        #[arg(long)]
+        parallel: Vec<u32>,
     },
-    /// Show a plan's groups.
+    /// Show a plan's groups, their steps and what its last run did.
     Show {
+        /// Plan name
+        name: String,
+    },
+    /// Continue a plan run that stopped at a --pause (the same action, from the next group).
+    Resume {
         /// Plan name
         name: String,
     },
@@ -590,6 +647,11 @@ pub enum HostCmd {
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
     /// Create a VM. Example: ferry vm create web1 --host h1 --disk 4GiB --disk 512MiB --switch lan
+    ///
+    /// With `--image guest` (qemu hosts) the VM boots ferry's test guest, a tiny Linux that
+    /// keeps writing checksummed files to its first disk and answers the QEMU guest agent
+    /// (build it once with `scripts/guest-image.sh`). Its console is `console.log` in the
+    /// VM's folder. Example: ferry vm create app --host h1 --image guest --disk 512MiB
     Create {
         /// VM name
         name: String,
@@ -608,6 +670,10 @@ pub enum VmCmd {
         /// Memory
         #[arg(long, default_value = "512MiB", value_parser = parse_size_arg)]
         memory: u64,
+        /// Boot image: `guest` (ferry's test guest; qemu hosts). Without it the VM has data
+        /// disks only.
+        #[arg(long, value_parser = ["guest"])]
+        image: Option<String>,
     },
     /// Start a VM (the active copy, or the copy on --host).
     Start {
@@ -865,6 +931,7 @@ pub fn run(cli: Cli) -> Result<()> {
             switches,
             cpus,
             memory,
+            image,
         }) => {
             let v = api(&cli)?.create_vm(&VmCreate {
                 name: name.clone(),
@@ -873,6 +940,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 switches: switches.clone(),
                 cpus: *cpus,
                 memory: *memory,
+                image: image.clone(),
             })?;
             print_vm(&v, j, |v| {
                 format!(
@@ -930,6 +998,8 @@ pub fn run(cli: Cli) -> Result<()> {
             retention,
             block_size,
             key,
+            app_consistent_every,
+            app_retention,
             data,
         } => {
             let r = api(&cli)?.protect(
@@ -939,6 +1009,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     rpo_s: rpo.as_secs(),
                     retention_s: retention.as_secs(),
                     block_size: *block_size,
+                    app_consistent_every_s: app_consistent_every.map(|d| d.as_secs()),
+                    app_retention_s: app_retention.map(|d| d.as_secs()),
                     key: key_arg(key),
                     key_id: key_id_arg(key)?,
                     data: data.opts(),
@@ -951,6 +1023,7 @@ pub fn run(cli: Cli) -> Result<()> {
             key,
             verify,
             data,
+            ..
         }
         | Cmd::ReverseReplicate {
             vm,
@@ -958,10 +1031,18 @@ pub fn run(cli: Cli) -> Result<()> {
             verify,
             data,
         } => {
+            let app_consistent = matches!(
+                cli.cmd,
+                Cmd::Replicate {
+                    app_consistent: true,
+                    ..
+                }
+            );
             let req = ReplicateReq {
                 key: key_arg(key),
                 key_id: key_id_arg(key)?,
                 verify: *verify,
+                app_consistent,
                 data: data.opts(),
             };
             let api = api(&cli)?;
@@ -978,10 +1059,11 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 for p in pts {
                     println!(
-                        "{:>6}  {}  {:<11} {} data",
+                        "{:>6}  {}  {:<11} {:<5}  {} data",
                         p.id,
                         p.created_at,
                         format!("{:?}", p.kind).to_lowercase(),
+                        p.consistency.as_str(),
                         ferry_model::format_bytes(p.data_bytes)
                     );
                 }
@@ -1004,22 +1086,21 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 FailoverMode::Planned
             };
+            let latest_app_consistent = point.as_deref() == Some("latest-app-consistent");
             let point = match point.as_deref() {
-                None | Some("latest") => None,
+                None | Some("latest") | Some("latest-app-consistent") => None,
                 Some(id) => Some(id.parse::<i64>().map_err(|_| {
                     anyhow::anyhow!(
-                        "--point takes `latest` or a point id from `ferry points {vm}`, not {id:?}"
+                        "--point takes `latest`, `latest-app-consistent` or a point id from `ferry points {vm}`, not {id:?}"
                     )
                 })?),
             };
-            if point.is_some() && mode == FailoverMode::Planned && !*test {
-                bail!("--point applies to unplanned and test failovers; add --unplanned or --test");
-            }
             let r = api(&cli)?.failover(
                 vm,
                 &FailoverReq {
                     mode,
                     point,
+                    latest_app_consistent,
                     host: host.clone(),
                     test: *test,
                     cleanup_test: *cleanup_test,
@@ -1205,9 +1286,14 @@ pub fn run(cli: Cli) -> Result<()> {
             dir,
             disk_size,
             driver,
+            guest,
         } => {
             let d: DriverKind = driver.parse().map_err(anyhow::Error::msg)?;
-            crate::demo::run(dir.clone(), *disk_size, d, j)?
+            match (guest, d) {
+                (true, DriverKind::Qemu) => crate::demo_guest::run(dir.clone(), *disk_size, j)?,
+                (true, _) => bail!("--guest boots a real guest: add --driver qemu"),
+                (false, _) => crate::demo::run(dir.clone(), *disk_size, d, j)?,
+            }
         }
         Cmd::Plan(p) => run_plan(&cli, p)?,
     }
@@ -1325,7 +1411,7 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
         data: DataOpts::default(),
     };
     let (name, req) = match p {
-        PlanCmd::Create { name, groups } => {
+        PlanCmd::Create { name, groups, .. } => {
             let groups: Vec<Vec<String>> = groups
                 .iter()
                 .map(|g| {
@@ -1335,14 +1421,16 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
                         .collect()
                 })
                 .collect();
+            let steps = group_steps_from_args(groups.len())?;
             let p = api(cli)?.create_plan(&PlanCreate {
                 name: name.clone(),
                 groups,
+                steps,
             })?;
             if j {
                 output::json(&p);
             } else {
-                println!("plan {}: {}", p.name, fmt_groups(&p.groups));
+                print_plan(&p);
             }
             return Ok(());
         }
@@ -1351,8 +1439,13 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
             if j {
                 output::json(&p);
             } else {
-                println!("plan {}: {}", p.name, fmt_groups(&p.groups));
+                print_plan(&p);
             }
+            return Ok(());
+        }
+        PlanCmd::Resume { name } => {
+            let r = api(cli)?.resume_plan(name)?;
+            print_plan_run(&r, j);
             return Ok(());
         }
         PlanCmd::Failover {
@@ -1420,28 +1513,176 @@ fn run_plan(cli: &Cli, p: &PlanCmd) -> Result<()> {
         ),
     };
     let r = api(cli)?.run_plan(name, &req)?;
+    print_plan_run(&r, j);
+    Ok(())
+}
+
+/// Prints what a plan run did: each group's commands and VMs, and a pause.
+fn print_plan_run(r: &ferry_api::PlanRun, j: bool) {
     if j {
-        output::json(&r);
-    } else {
-        for (gi, g) in r.groups.iter().enumerate() {
-            for s in g {
-                match (&s.job, &s.dry_run, s.skipped) {
-                    (_, _, true) => println!("group {}: {} already done, skipped", gi + 1, s.vm),
-                    (Some(job), _, _) => println!("group {}: {}", gi + 1, output::job_line(job)),
-                    (_, Some(d), _) => println!(
-                        "group {}: {} would move {} ({} blocks); recommended --sync {}",
-                        gi + 1,
-                        d.vm,
-                        ferry_model::format_bytes(d.bytes_to_move),
-                        d.blocks_to_move,
-                        d.recommended_sync.as_str()
-                    ),
-                    _ => {}
+        output::json(r);
+        return;
+    }
+    for (i, g) in r.groups.iter().enumerate() {
+        let n = r.first_group.max(1) + i;
+        let hook = |step: &str| {
+            for h in r.hooks.iter().filter(|h| h.group == n && h.step == step) {
+                let how = match (h.timed_out, h.exit_code) {
+                    (true, _) => "killed at its timeout".to_string(),
+                    (false, Some(c)) => format!("exit {c}"),
+                    (false, None) => "killed".to_string(),
+                };
+                println!(
+                    "group {n}: {step} `{}`: {how} ({} ms)",
+                    h.command, h.elapsed_ms
+                );
+                for line in h.output.lines().filter(|l| !l.trim().is_empty()) {
+                    println!("    | {line}");
+                }
+            }
+        };
+        hook("pre");
+        for s in g {
+            match (&s.job, &s.dry_run, s.skipped) {
+                (_, _, true) => println!("group {n}: {} already done, skipped", s.vm),
+                (Some(job), _, _) => println!("group {n}: {}", output::job_line(job)),
+                (_, Some(d), _) => println!(
+                    "group {n}: {} would move {} ({} blocks); recommended --sync {}",
+                    d.vm,
+                    ferry_model::format_bytes(d.bytes_to_move),
+                    d.blocks_to_move,
+                    d.recommended_sync.as_str()
+                ),
+                _ => {}
+            }
+        }
+        hook("post");
+    }
+    if let Some(text) = &r.paused {
+        println!(
+            "plan {} paused after group {}: {text}\nwhen done, run `ferry plan resume {}`",
+            r.plan,
+            r.first_group.max(1) + r.groups.len() - 1,
+            r.plan
+        );
+    }
+}
+
+/// Prints a plan: its groups with their steps, and its last run.
+fn print_plan(p: &ferry_api::PlanView) {
+    println!("plan {}: {}", p.name, fmt_groups(&p.groups));
+    for (i, st) in p.steps.iter().enumerate() {
+        let mut parts = Vec::new();
+        if let Some(c) = &st.pre {
+            parts.push(format!("pre `{c}`"));
+        }
+        if let Some(c) = &st.post {
+            parts.push(format!("post `{c}`"));
+        }
+        if let Some(t) = st.timeout_s {
+            parts.push(format!("timeout {t} s"));
+        }
+        if let Some(n) = st.parallel {
+            parts.push(format!("parallel {n}"));
+        }
+        if let Some(t) = &st.pause {
+            parts.push(format!("pause \"{t}\""));
+        }
+        if !parts.is_empty() {
+            println!("  group {}: {}", i + 1, parts.join(", "));
+        }
+    }
+    if let Some(l) = &p.last_run {
+        println!(
+            "  last run: {} {}{}",
+            l["action"].as_str().unwrap_or("?"),
+            l["state"].as_str().unwrap_or("?"),
+            l["message"]
+                .as_str()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// The steps of `ferry plan create`'s groups: each --pre, --post, --timeout, --pause and
+/// --parallel belongs to the --group before it on the command line.
+fn group_steps_from_args(groups: usize) -> Result<Vec<ferry_api::GroupSteps>> {
+    use clap::CommandFactory;
+    let m = Cli::command().try_get_matches_from(std::env::args_os())?;
+    let Some(m) = m
+        .subcommand_matches("plan")
+        .and_then(|m| m.subcommand_matches("create"))
+    else {
+        return Ok(Vec::new());
+    };
+    let starts: Vec<usize> = m
+        .indices_of("groups")
+        .map(|i| i.collect())
+        .unwrap_or_default();
+    let mut steps = vec![ferry_api::GroupSteps::default(); groups.max(starts.len())];
+    let group_of = |flag: &str, idx: usize| -> Result<usize> {
+        starts.iter().rposition(|&s| s < idx).ok_or_else(|| {
+            anyhow::anyhow!("--{flag} belongs to a group: put it after the --group it applies to")
+        })
+    };
+    let each = |id: &str| -> Vec<(String, usize)> {
+        match (m.get_raw(id), m.indices_of(id)) {
+            (Some(vals), Some(idx)) => vals
+                .map(|v| v.to_string_lossy().into_owned())
+                .zip(idx)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    for (flag, id) in [
+        ("pre", "pre"),
+        ("post", "post"),
+        ("timeout", "timeout"),
+        ("pause", "pause"),
+        ("parallel", "parallel"),
+    ] {
+        for (v, idx) in each(id) {
+            let g = group_of(flag, idx)?;
+            let st = &mut steps[g];
+            let twice = |set: bool| -> Result<()> {
+                if set {
+                    bail!("group {} has --{flag} twice; give each group one", g + 1);
+                }
+                Ok(())
+            };
+            match flag {
+                "pre" => {
+                    twice(st.pre.is_some())?;
+                    st.pre = Some(v);
+                }
+                "post" => {
+                    twice(st.post.is_some())?;
+                    st.post = Some(v);
+                }
+                "timeout" => {
+                    twice(st.timeout_s.is_some())?;
+                    st.timeout_s = Some(
+                        ferry_model::parse_duration(&v)
+                            .map_err(|e| anyhow::anyhow!("--timeout {v}: {e}"))?
+                            .as_secs(),
+                    );
+                }
+                "pause" => {
+                    twice(st.pause.is_some())?;
+                    st.pause = Some(v);
+                }
+                _ => {
+                    twice(st.parallel.is_some())?;
+                    st.parallel =
+                        Some(v.parse().map_err(|_| {
+                            anyhow::anyhow!("--parallel takes a number, not {v:?}")
+                        })?);
                 }
             }
         }
     }
-    Ok(())
+    Ok(steps)
 }
 
 fn fmt_groups(groups: &[Vec<String>]) -> String {

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::output;
 
-const VM: &str = "app1";
+pub(crate) const VM: &str = "app1";
 
 /// The blocks a guest writes: `fraction` of the 64 KiB blocks of a disk of `size` bytes,
 /// text-like, binary and zeroed, deterministic from `seed`.
@@ -153,7 +153,7 @@ fn identical(e: &Engine, a: &str, b: &str) -> Result<bool> {
 }
 
 /// Stops the demo VM on both hosts when dropped (no QEMU outlives the demo).
-struct StopVms<'a>(&'a Engine);
+pub(crate) struct StopVms<'a>(pub(crate) &'a Engine);
 
 impl Drop for StopVms<'_> {
     fn drop(&mut self) {
@@ -169,10 +169,109 @@ impl Drop for StopVms<'_> {
     }
 }
 
-struct Row {
-    what: String,
-    job: Job,
-    secs: f64,
+/// One step of a demo: what it did, its job, how long it took.
+pub(crate) struct Row {
+    pub(crate) what: String,
+    pub(crate) job: Job,
+    pub(crate) secs: f64,
+}
+
+/// Runs one step of a demo and adds its row (a continued job, like `complete`'s, counts only
+/// what this run moved).
+pub(crate) fn time_step(
+    rows: &mut Vec<Row>,
+    what: &str,
+    f: &mut dyn FnMut() -> Result<Job>,
+) -> Result<()> {
+    let t = Instant::now();
+    let mut job = f()?;
+    if let Some(prev) = rows.iter().rev().find(|r| r.job.id == job.id) {
+        job.bytes_read -= prev.job.bytes_read.min(job.bytes_read);
+        job.bytes_transferred -= prev.job.bytes_transferred.min(job.bytes_transferred);
+        job.bytes_written -= prev.job.bytes_written.min(job.bytes_written);
+    }
+    rows.push(Row {
+        what: what.into(),
+        job,
+        secs: t.elapsed().as_secs_f64(),
+    });
+    Ok(())
+}
+
+/// Where a demo's installation lives: `--dir`, or a temporary folder removed afterwards.
+pub(crate) struct DemoPlace {
+    _tmp: Option<TempDir>,
+    /// The folder.
+    pub(crate) dir: PathBuf,
+    /// The ferry home in it.
+    pub(crate) home: PathBuf,
+    /// True when the folder stays (`--dir`).
+    pub(crate) keep: bool,
+}
+
+impl DemoPlace {
+    /// The folder of `--dir` (created), or a new temporary one; refuses one that already
+    /// holds an installation.
+    pub(crate) fn new(dir: Option<PathBuf>) -> Result<Self> {
+        let keep = dir.is_some();
+        let (tmp, dir) = match dir {
+            Some(d) => {
+                std::fs::create_dir_all(&d)?;
+                (None, d)
+            }
+            None => {
+                let t = tempdir()?;
+                let d = t.0.clone();
+                (Some(t), d)
+            }
+        };
+        let home = dir.join("home");
+        if home.join(ferry_vault::VAULT_FILE).exists() {
+            bail!(
+                "{} already holds a ferry installation; pass an empty --dir",
+                home.display()
+            );
+        }
+        Ok(DemoPlace {
+            _tmp: tmp,
+            dir,
+            home,
+            keep,
+        })
+    }
+
+    /// A new installation there, with progress bars on a terminal.
+    pub(crate) fn engine(&self, as_json: bool) -> Result<Engine> {
+        let mut e = Engine::init(&self.home)?;
+        if output::show_progress(as_json) {
+            let (obs, _) = output::progress_observer();
+            e.set_observer(obs);
+        }
+        Ok(e)
+    }
+}
+
+/// Prints the demo's summary table.
+pub(crate) fn print_rows(rows: &[Row]) {
+    println!();
+    println!(
+        "{:<66} {:>10} {:>12} {:>10} {:>8} {:>9}",
+        "step", "read", "transferred", "written", "time", "downtime"
+    );
+    for r in rows {
+        println!(
+            "{:<66} {:>10} {:>12} {:>10} {:>7.2}s {:>9}",
+            r.what,
+            format_bytes(r.job.bytes_read),
+            format_bytes(r.job.bytes_transferred),
+            format_bytes(r.job.bytes_written),
+            r.secs,
+            r.job
+                .downtime_ms
+                .map(|d| format!("{d} ms"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
 }
 
 /// Runs the demo.
@@ -183,35 +282,14 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
     if driver == DriverKind::Qemu && !ferry_hypervisor::QemuDriver::available() {
         bail!("`ferry demo --driver qemu` needs QEMU (qemu-system-x86_64, qemu-img, qemu-nbd); install it (from ferry's source tree: `scripts/install-deps.sh`) or run `ferry demo` on the built-in dir driver");
     }
-    let _tmp;
-    let keep = dir.is_some();
-    let dir = match dir {
-        Some(d) => {
-            std::fs::create_dir_all(&d)?;
-            d
-        }
-        None => {
-            _tmp = tempdir()?;
-            _tmp.0.clone()
-        }
-    };
-    let home = dir.join("home");
-    if home.join(ferry_vault::VAULT_FILE).exists() {
-        bail!(
-            "{} already holds a ferry installation; pass an empty --dir",
-            home.display()
-        );
-    }
+    let place = DemoPlace::new(dir)?;
+    let (dir, home, keep) = (place.dir.clone(), place.home.clone(), place.keep);
     let say = |s: &str| {
         if !as_json {
             println!("==> {s}");
         }
     };
-    let mut e = Engine::init(&home)?;
-    if output::show_progress(as_json) {
-        let (obs, _) = output::progress_observer();
-        e.set_observer(obs);
-    }
+    let e = place.engine(as_json)?;
     say(&format!("installation in {}", home.display()));
     e.add_site("onprem", SiteRole::Primary, None, true)?;
     e.add_site("cloud", SiteRole::Recovery, None, true)?;
@@ -244,6 +322,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
         memory: 2 << 30,
         disks: vec![disk_size, (disk_size / 4).max(1 << 20) + 12345],
         nics: vec!["lan".into(), "dmz".into()],
+        image: None,
     })?;
     say(&format!(
         "VM {VM} on hv1 ({} driver): disks of {} and {}; writing realistic content",
@@ -257,20 +336,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
     let mut rows: Vec<Row> = Vec::new();
     let mut timed = |what: &str, f: &mut dyn FnMut() -> Result<Job>| -> Result<()> {
         say(what);
-        let t = Instant::now();
-        let mut job = f()?;
-        // A continued job (complete) carries the earlier runs' counters: show this run's share.
-        if let Some(prev) = rows.iter().rev().find(|r| r.job.id == job.id) {
-            job.bytes_read -= prev.job.bytes_read.min(job.bytes_read);
-            job.bytes_transferred -= prev.job.bytes_transferred.min(job.bytes_transferred);
-            job.bytes_written -= prev.job.bytes_written.min(job.bytes_written);
-        }
-        rows.push(Row {
-            what: what.into(),
-            job,
-            secs: t.elapsed().as_secs_f64(),
-        });
-        Ok(())
+        time_step(&mut rows, what, f)
     };
     timed(
         "protect to the cloud site (initial replication)",
@@ -278,16 +344,19 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
             e.protect(
                 VM,
                 "cloud",
-                std::time::Duration::from_secs(300),
-                std::time::Duration::from_secs(86400),
-                65536,
+                &ferry_engine::Protection {
+                    rpo: std::time::Duration::from_secs(300),
+                    retention: std::time::Duration::from_secs(86400),
+                    block_size: 65536,
+                    app: ferry_engine::AppPolicy::default(),
+                },
                 opts,
             )
         },
     )?;
     guest_writes(&e, None, &scratch, 0.02, 10)?;
     timed("replicate (2% of blocks changed)", &mut || {
-        e.replicate(VM, opts, false)
+        e.replicate(VM, opts, false, false)
     })?;
     timed("planned failover to dr1", &mut || {
         e.failover(VM, FailoverMode::Planned, None, None, opts)
@@ -354,25 +423,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
             "steps": rows.iter().map(|r| json!({"step": r.what, "job": r.job, "seconds": r.secs})).collect::<Vec<_>>(),
         }));
     } else {
-        println!();
-        println!(
-            "{:<66} {:>10} {:>12} {:>10} {:>8} {:>9}",
-            "step", "read", "transferred", "written", "time", "downtime"
-        );
-        for r in &rows {
-            println!(
-                "{:<66} {:>10} {:>12} {:>10} {:>7.2}s {:>9}",
-                r.what,
-                format_bytes(r.job.bytes_read),
-                format_bytes(r.job.bytes_transferred),
-                format_bytes(r.job.bytes_written),
-                r.secs,
-                r.job
-                    .downtime_ms
-                    .map(|d| format!("{d} ms"))
-                    .unwrap_or_else(|| "-".into())
-            );
-        }
+        print_rows(&rows);
         println!();
         println!(
             "{VM} is {} again, active at the {} site; primary disks verified bit-identical.",
@@ -394,7 +445,7 @@ pub fn run(dir: Option<PathBuf>, disk_size: u64, driver: DriverKind, as_json: bo
 }
 
 /// A temporary folder removed on drop.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -402,7 +453,7 @@ impl Drop for TempDir {
     }
 }
 
-fn tempdir() -> Result<TempDir> {
+pub(crate) fn tempdir() -> Result<TempDir> {
     let base = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     Ok(TempDir(base))

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod cli;
 mod demo;
+mod demo_guest;
 mod output;
 
 fn main() -> ExitCode {

@@ -959,6 +959,21 @@ const AGENT_CASES: &[AgentCase] = &[
         command: &["failover", "app", "--unplanned"],
     },
     AgentCase {
+        workflow: "failover-change-point",
+        prepare: |s| {
+            // Point 1 as protect took it: what the recovery copy holds after the command.
+            let p = agent_vm(s);
+            s.f.ok(&["protect", "app", "--to", "dr"]);
+            let at_point_1 = s.f.home().join("point-1.img");
+            std::fs::copy(&p, &at_point_1).unwrap();
+            write_random(&p, 4 * MIB, MIB, 806);
+            s.f.ok(&["replicate", "app"]);
+            s.f.ok(&["failover", "app", "--unplanned"]);
+            (at_point_1, None)
+        },
+        command: &["failover", "app", "--point", "1"],
+    },
+    AgentCase {
         workflow: "failback-delta",
         prepare: agent_failed_over,
         command: &["failback", "app", "--auto-complete"],

@@ -13,6 +13,7 @@ mod encryption;
 mod failback_rules;
 mod faultproxy;
 mod faults;
+mod guest;
 mod jobs;
 mod lifecycle;
 mod matrix;

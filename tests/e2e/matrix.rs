@@ -100,6 +100,20 @@ const WORKFLOWS: &[Workflow] = &[
         vms: APP,
     },
     Workflow {
+        name: "failover-change-point",
+        // Failed over to the newest point (2), awaiting commit, with writes at the recovery
+        // site: the command makes the recovery copy again from the older point 1.
+        prepare: |f| {
+            write_random(&protected(f), 4 * MIB, MIB, 18);
+            f.ok(&["replicate", "app"]);
+            f.ok(&["vm", "stop", "app", "--host", PRIMARY_HOST]);
+            assert_job_state(&f.json(&["failover", "app", "--unplanned"]), "succeeded");
+            write_random(&f.disk_paths("app", RECOVERY_HOST)[0], 0, MIB, 19);
+        },
+        command: &["failover", "app", "--point", "1"],
+        vms: APP,
+    },
+    Workflow {
         name: "failover-test",
         prepare: |f| {
             protected(f);

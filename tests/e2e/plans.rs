@@ -140,3 +140,173 @@ fn a_plan_drill_starts_a_test_copy_of_every_vm_and_its_cleanup_removes_them_all(
         f.assert_state(vm, "failover_commit_pending");
     }
 }
+
+/// Seconds since the epoch of an RFC 3339 job time.
+fn job_secs(job: &serde_json::Value, field: &str) -> i64 {
+    ferry_engine::parse_rfc3339(job[field].as_str().expect("a job time")).expect("RFC 3339")
+}
+
+#[test]
+fn a_failing_pre_step_stops_the_plan_before_its_group_and_changes_nothing_later() {
+    let f = Ferry::new();
+    f.setup_two_sites(&["lan"]);
+    for vm in ["db", "app1", "app2", "web"] {
+        f.protected_vm(vm, &[4 * MIB], &["lan"], MIB);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("steps.log");
+    let ready = dir.path().join("app-ready");
+    let post = format!(
+        "echo \"$FERRY_PLAN $FERRY_PLAN_ACTION $FERRY_PLAN_GROUP $FERRY_PLAN_STEP $FERRY_PLAN_VMS\" >> {}",
+        log.display()
+    );
+    let pre = format!(
+        "echo checking the app tier; test -f {} || {{ echo app tier not ready >&2; exit 7; }}",
+        ready.display()
+    );
+    let created = f.json(&[
+        "plan",
+        "create",
+        "shop",
+        "--group",
+        "db",
+        "--post",
+        &post,
+        "--group",
+        "app1,app2",
+        "--pre",
+        &pre,
+        "--timeout",
+        "30s",
+        "--group",
+        "web",
+        "--post",
+        &post,
+    ]);
+    assert_eq!(created["steps"][0]["post"], post.as_str(), "{created}");
+    assert_eq!(created["steps"][1]["timeout_s"], 30, "{created}");
+    // A step before any --group belongs to no group.
+    let err = f.fail(&["plan", "create", "bad", "--pre", "true", "--group", "db"]);
+    assert!(err.contains("--pre belongs to a group"), "{err}");
+
+    let err = f.fail(&["plan", "failover", "shop", "--planned"]);
+    for s in [
+        "group 2",
+        "exit code 7",
+        "app tier not ready",
+        "ferry plan failover shop",
+    ] {
+        assert!(err.contains(s), "{s:?} in {err}");
+    }
+    f.assert_state("db", "failover_commit_pending");
+    for vm in ["app1", "app2", "web"] {
+        f.assert_state(vm, "protected");
+        assert_eq!(f.power(vm, Some("h1")), "running", "{vm} was not touched");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "shop failover 1 post db\n",
+        "group 1's post step ran once, group 3's never"
+    );
+    let shown = f.json(&["plan", "show", "shop"]);
+    assert_eq!(shown["last_run"]["state"], "failed", "{shown}");
+    assert!(shown["last_run"].get("request").is_none(), "{shown}");
+
+    // Fixed: the re-run skips group 1 (its steps too) and goes on.
+    std::fs::write(&ready, b"").unwrap();
+    let run = f.json(&["plan", "failover", "shop", "--planned"]);
+    assert_eq!(run["groups"][0][0]["skipped"], true, "{run}");
+    let pre_out = run["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["step"] == "pre")
+        .expect("the pre step ran");
+    assert_eq!(pre_out["exit_code"], 0);
+    assert!(pre_out["output"]
+        .as_str()
+        .unwrap()
+        .contains("checking the app tier"));
+    for vm in ["db", "app1", "app2", "web"] {
+        f.assert_state(vm, "failover_commit_pending");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "shop failover 1 post db\nshop failover 3 post web\n"
+    );
+    assert_eq!(
+        f.json(&["plan", "show", "shop"])["last_run"]["state"],
+        "succeeded"
+    );
+}
+
+#[test]
+fn a_paused_plan_resumes_at_the_next_group_whose_vms_fail_over_in_parallel() {
+    let f = Ferry::new();
+    f.setup_two_sites(&["lan"]);
+    for vm in ["db", "app1", "app2", "app3"] {
+        let p = f.protected_vm(vm, &[8 * MIB], &["lan"], MIB);
+        // The planned failover's last cycle moves these 3 MiB at the --bandwidth below.
+        write_random(&p[0], 4 * MIB, 3 * MIB, 900);
+    }
+    f.ok(&[
+        "plan",
+        "create",
+        "shop",
+        "--group",
+        "db",
+        "--pause",
+        "check the database",
+        "--group",
+        "app1,app2,app3",
+        "--parallel",
+        "3",
+    ]);
+    let err = f.fail(&["plan", "resume", "shop"]);
+    assert!(err.contains("not paused"), "{err}");
+
+    let run = f.json(&[
+        "plan",
+        "failover",
+        "shop",
+        "--planned",
+        "--bandwidth",
+        "1MiB/s",
+    ]);
+    assert_eq!(run["paused"], "check the database", "{run}");
+    f.assert_state("db", "failover_commit_pending");
+    for vm in ["app1", "app2", "app3"] {
+        f.assert_state(vm, "protected");
+    }
+    let shown = f.json(&["plan", "show", "shop"]);
+    assert_eq!(shown["last_run"]["state"], "paused", "{shown}");
+    assert_eq!(shown["last_run"]["resumes_at_group"], 2, "{shown}");
+    let text = f.ok(&["plan", "show", "shop"]);
+    assert!(text.contains("pause \"check the database\""), "{text}");
+
+    // Resumed: group 2, its three VMs at once (each takes ~3 s at 1 MiB/s).
+    let resumed = f.json(&["plan", "resume", "shop"]);
+    assert_eq!(resumed["first_group"], 2, "{resumed}");
+    assert!(resumed.get("paused").is_none(), "{resumed}");
+    let jobs: Vec<serde_json::Value> = resumed["groups"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["job"].clone())
+        .collect();
+    assert_eq!(jobs.len(), 3);
+    for vm in ["db", "app1", "app2", "app3"] {
+        f.assert_state(vm, "failover_commit_pending");
+    }
+    let starts: Vec<i64> = jobs.iter().map(|j| job_secs(j, "started_at")).collect();
+    let ends: Vec<i64> = jobs.iter().map(|j| job_secs(j, "ended_at")).collect();
+    assert!(
+        starts.iter().max().unwrap() < ends.iter().min().unwrap(),
+        "the three failovers overlapped: started {starts:?}, ended {ends:?}"
+    );
+    let err = f.fail(&["plan", "resume", "shop"]);
+    assert!(
+        err.contains("not paused") && err.contains("succeeded"),
+        "{err}"
+    );
+}

@@ -26,13 +26,18 @@ pub(crate) fn on_path(program: &str) -> bool {
 }
 
 /// A `Ferry` whose commands force TCG, and which leaves no QEMU behind.
-struct QemuFerry {
-    f: Ferry,
+pub(crate) struct QemuFerry {
+    pub(crate) f: Ferry,
 }
 
 impl QemuFerry {
     /// None (with a note) when QEMU is not installed.
-    fn new(test: &str) -> Option<Self> {
+    pub(crate) fn new(test: &str) -> Option<Self> {
+        Self::with_env(test, &[])
+    }
+
+    /// Like [`QemuFerry::new`], with `env` where the jobs run (each command, or the server).
+    pub(crate) fn with_env(test: &str, env: &[(&str, &str)]) -> Option<Self> {
         let missing: Vec<&str> = ["qemu-system-x86_64", "qemu-img", "qemu-nbd"]
             .into_iter()
             .filter(|p| !on_path(p))
@@ -48,8 +53,10 @@ impl QemuFerry {
         unsafe {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
+        let mut all = vec![ACCEL];
+        all.extend_from_slice(env);
         Some(QemuFerry {
-            f: Ferry::with_env(&[ACCEL]),
+            f: Ferry::with_env(&all),
         })
     }
 
@@ -62,7 +69,7 @@ impl QemuFerry {
     }
 
     #[track_caller]
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         let child = self
             .command(args)
             .spawn()
@@ -71,14 +78,14 @@ impl QemuFerry {
     }
 
     #[track_caller]
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert_exit(&out, 0, args);
         String::from_utf8(out.stdout).expect("stdout is UTF-8")
     }
 
     #[track_caller]
-    fn json(&self, args: &[&str]) -> Value {
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
         let out = self.ok(&a);
@@ -87,7 +94,7 @@ impl QemuFerry {
 
     /// `init`, sites `prim` / `dr`, hosts h1 (primary) and r1 (recovery) with switch `lan`.
     #[track_caller]
-    fn setup(&self, primary_driver: &str, recovery_driver: &str) {
+    pub(crate) fn setup(&self, primary_driver: &str, recovery_driver: &str) {
         self.ok(&["init"]);
         self.ok(&["site", "add", "prim", "--role", "primary"]);
         self.ok(&["site", "add", "dr", "--role", "recovery"]);
@@ -141,7 +148,7 @@ impl QemuFerry {
     }
 
     /// Live processes whose command line mentions this home (QEMU, qemu-nbd).
-    fn leftovers(&self) -> Vec<String> {
+    pub(crate) fn leftovers(&self) -> Vec<String> {
         reap_qemu_zombies();
         processes_mentioning(self.f.home())
             .into_iter()

@@ -298,23 +298,20 @@ pub fn execute(driver: &dyn Hypervisor, op: &AgentOp) -> AgentResult {
             memory,
             disks,
             nics,
-        } => ok(driver
-            .check_spec(&VmSpec {
+            image,
+        } => {
+            let spec = VmSpec {
                 name: name.clone(),
                 cpus: *cpus,
                 memory: *memory,
                 disks: disks.clone(),
                 nics: nics.clone(),
-            })
-            .and_then(|_| {
-                driver.create_vm(&VmSpec {
-                    name: name.clone(),
-                    cpus: *cpus,
-                    memory: *memory,
-                    disks: disks.clone(),
-                    nics: nics.clone(),
-                })
-            })),
+                image: image.clone(),
+            };
+            ok(driver
+                .check_spec(&spec)
+                .and_then(|_| driver.create_vm(&spec)))
+        }
         AgentOp::DeleteVm { name } => ok(driver.delete_vm(name)),
         AgentOp::StartVm { name } => ok(driver.start_vm(name)),
         AgentOp::StopVm { name } => ok(driver.stop_vm(name)),
@@ -370,6 +367,7 @@ mod tests {
                 memory: 1 << 20,
                 disks: vec![1 << 20],
                 nics: vec!["lan".into()],
+                image: None,
             }),
         );
         assert_eq!(r.error, None);
@@ -382,6 +380,7 @@ mod tests {
                 memory: 1 << 20,
                 disks: vec![1 << 20],
                 nics: vec!["wan".into()],
+                image: None,
             }),
         );
         assert!(r.error.unwrap().contains("no switch named \"wan\""));

@@ -355,6 +355,12 @@ impl Api for Client {
     fn run_plan(&self, name: &str, req: &PlanRunReq) -> ApiResult<PlanRun> {
         self.post(&format!("/v1/plans/{}/run", segment(name)), req)
     }
+    fn resume_plan(&self, name: &str) -> ApiResult<PlanRun> {
+        self.post(
+            &format!("/v1/plans/{}/resume", segment(name)),
+            &serde_json::json!({}),
+        )
+    }
     fn token_new(&self, req: &TokenNew) -> ApiResult<TokenCreated> {
         self.post("/v1/tokens", req)
     }

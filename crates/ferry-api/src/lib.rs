@@ -85,6 +85,8 @@ pub trait Api {
     fn plan(&self, name: &str) -> ApiResult<PlanView>;
     /// Runs a plan action on every VM of the plan, group by group (operator).
     fn run_plan(&self, name: &str, req: &PlanRunReq) -> ApiResult<PlanRun>;
+    /// Continues a plan run that stopped at a group's pause (`ferry plan resume`).
+    fn resume_plan(&self, name: &str) -> ApiResult<PlanRun>;
 
     /// Creates a token and returns its secret, shown only here (admin).
     fn token_new(&self, req: &TokenNew) -> ApiResult<TokenCreated>;

@@ -154,6 +154,9 @@ pub enum AgentOp {
         disks: Vec<u64>,
         /// Switch of each NIC.
         nics: Vec<String>,
+        /// Boot image (`guest`), if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<String>,
     },
     /// Delete a VM and its disks.
     DeleteVm {
@@ -328,6 +331,9 @@ pub struct VmCreate {
     pub cpus: u32,
     /// Memory in bytes.
     pub memory: u64,
+    /// Boot image: `guest` boots ferry's test guest (qemu hosts); none: data disks only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// `ferry vm start|stop`.
@@ -365,6 +371,13 @@ pub struct ProtectReq {
     pub retention_s: u64,
     /// Change-detection block size in bytes.
     pub block_size: u64,
+    /// Take an app-consistent point when the newest is this old (seconds; `ferry serve`'s
+    /// scheduler). None: crash-consistent cycles only.
+    #[serde(default)]
+    pub app_consistent_every_s: Option<u64>,
+    /// Keep app-consistent points this long, beyond `retention_s` (seconds; default 24 h).
+    #[serde(default)]
+    pub app_retention_s: Option<u64>,
     /// Key file (a path where the data moves) for encrypted replication.
     #[serde(default)]
     pub key: Option<String>,
@@ -391,6 +404,10 @@ pub struct ReplicateReq {
     /// Read every block instead of trusting change tracking.
     #[serde(default)]
     pub verify: bool,
+    /// Freeze the guest's file systems through its guest agent around the snapshot (an
+    /// app-consistent point; crash-consistent with a job note when the guest cannot freeze).
+    #[serde(default)]
+    pub app_consistent: bool,
     /// Threads and bandwidth.
     #[serde(default)]
     pub data: DataOpts,
@@ -414,9 +431,13 @@ pub struct FailoverReq {
     /// Planned (default) or unplanned.
     #[serde(default)]
     pub mode: FailoverMode,
-    /// Unplanned: the point id (default: the latest).
+    /// Unplanned or test: the point id (default: the latest). While a failover awaits
+    /// commit: the point to move the recovery copy to.
     #[serde(default)]
     pub point: Option<i64>,
+    /// Take the newest app-consistent point (instead of `point`).
+    #[serde(default)]
+    pub latest_app_consistent: bool,
     /// Recovery host (default: the first host of the recovery site).
     #[serde(default)]
     pub host: Option<String>,
@@ -623,6 +644,29 @@ pub struct TestView {
     pub switch: String,
 }
 
+/// What runs around one group of a plan when the plan fails over or back
+/// (`ferry plan create … --group VM,VM --pre CMD --post CMD --timeout 5m --pause TEXT --parallel N`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSteps {
+    /// Shell command (`sh -c`) run before the group's VMs; a failure stops the plan there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre: Option<String>,
+    /// Shell command run after the group's VMs; a failure stops the plan there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post: Option<String>,
+    /// Longest a pre or post command may run, in seconds (default 300); then it is killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// A manual step after the group: the plan stops, showing this text, until
+    /// `ferry plan resume NAME`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<String>,
+    /// VMs of the group that run at once (default 1: one after another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<u32>,
+}
+
 /// `ferry plan create`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -631,6 +675,9 @@ pub struct PlanCreate {
     pub name: String,
     /// Groups of VM names, in order.
     pub groups: Vec<Vec<String>>,
+    /// Steps around each group, in the groups' order (missing entries: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<GroupSteps>,
 }
 
 /// A plan.
@@ -640,6 +687,34 @@ pub struct PlanView {
     pub name: String,
     /// Groups of VM names, in order.
     pub groups: Vec<Vec<String>>,
+    /// Steps around each group (absent when no group has any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<GroupSteps>,
+    /// What the plan's last run did: `{"action","state":"paused"|"failed"|"succeeded",
+    /// "next_group"?,"message"?,"at"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<serde_json::Value>,
+}
+
+/// A pre or post command of a plan group, as it ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HookRun {
+    /// Group number (1-based).
+    pub group: usize,
+    /// `pre` or `post`.
+    pub step: String,
+    /// The command.
+    pub command: String,
+    /// Its exit code (absent when it was killed: timeout or signal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// True when it ran past its timeout and was killed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// Its output (stdout and stderr; the last 16 KiB).
+    pub output: String,
+    /// How long it ran, in milliseconds.
+    pub elapsed_ms: u64,
 }
 
 /// What a plan command does to each VM.
@@ -713,6 +788,10 @@ pub struct PlanStep {
     pub skipped: bool,
 }
 
+fn one() -> usize {
+    1
+}
+
 /// Result of a plan command: per group, per VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PlanRun {
@@ -720,8 +799,18 @@ pub struct PlanRun {
     pub plan: String,
     /// `failover`, `failback`, `complete`, `commit` or `reverse-replicate`.
     pub action: String,
-    /// Groups in order.
+    /// Number (1-based) of the plan's group that `groups[0]` is: 1, or where a resumed run
+    /// started.
+    #[serde(default = "one")]
+    pub first_group: usize,
+    /// Groups in order (those it reached).
     pub groups: Vec<Vec<PlanStep>>,
+    /// The groups' pre and post commands, as they ran.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<HookRun>,
+    /// Set when the run stopped at a manual step: its text; `ferry plan resume` continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
 }
 
 /// `ferry token new`.

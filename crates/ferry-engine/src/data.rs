@@ -128,6 +128,9 @@ pub struct CaptureReq {
     pub verify: bool,
     /// Count what moves into the store as crossing sites.
     pub crosses_sites: bool,
+    /// Freeze the guest's file systems through its guest agent around the snapshot.
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 /// What a capture found: each disk's map at the view's moment, and the view's marks.
@@ -137,6 +140,62 @@ pub struct CaptureOut {
     pub maps: Vec<Map>,
     /// Change-tracking marks of the moment captured.
     pub marks: Vec<Option<ChangeMark>>,
+    /// The snapshot was taken with the guest's file systems frozen.
+    #[serde(default)]
+    pub app_consistent: bool,
+}
+
+/// Environment variable: how long the guest agent may take to freeze the file systems, in
+/// milliseconds (default 10 000).
+pub const FREEZE_TIMEOUT_ENV: &str = "FERRY_GUEST_FREEZE_TIMEOUT_MS";
+
+/// How long a guest may take to freeze ([`FREEZE_TIMEOUT_ENV`], default 10 s).
+fn freeze_timeout() -> std::time::Duration {
+    std::env::var(FREEZE_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(std::time::Duration::from_secs(10))
+}
+
+/// Opens a point-in-time view of `vm`'s disks; with `app`, freezes the guest's file systems
+/// around it and thaws them on every path (after a failed or timed-out freeze too). Returns
+/// the view and whether it is app-consistent; why it is not goes to the job's notes.
+fn open_consistent_view(
+    env: &Env<'_>,
+    vm: &str,
+    since: &[Option<ChangeMark>],
+    app: bool,
+) -> Result<(ferry_hypervisor::DiskView, bool)> {
+    if !app {
+        return Ok((env.driver.open_view(vm, since)?, false));
+    }
+    let timeout = freeze_timeout();
+    let frozen = env.driver.freeze_guest(vm, timeout);
+    let view = env.driver.open_view(vm, since);
+    let thawed = env.driver.thaw_guest(vm);
+    let view = view?;
+    match (frozen, thawed) {
+        (Ok(n), Ok(())) => {
+            tracing::debug!(vm, filesystems = n, "guest frozen around the snapshot");
+            Ok((view, true))
+        }
+        (Ok(_), Err(e)) => {
+            // The snapshot was taken frozen, so the point is app-consistent; the guest is not.
+            (env.note)(format!("the point is app-consistent, but {e}"));
+            Ok((view, true))
+        }
+        (Err(e), thawed) => {
+            (env.note)(format!(
+                "not app-consistent: {e}; this point is crash-consistent{}",
+                match thawed {
+                    Ok(()) => " (the guest was thawed)".to_string(),
+                    Err(t) => format!(", and {t}"),
+                }
+            ));
+            Ok((view, false))
+        }
+    }
 }
 
 /// A disk of an apply: make it hold `source`, knowing it holds `target`.
@@ -350,7 +409,8 @@ pub(crate) fn check_tracking(
 pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<CaptureOut> {
     let _span = tracing::debug_span!("capture").entered();
     let host = env.driver.host().name.clone();
-    let view = env.driver.open_view(&req.vm, &req.since)?;
+    let (view, app_consistent) =
+        open_consistent_view(env, &req.vm, &req.since, req.app_consistent)?;
     let mut maps = Vec::new();
     for disk in &req.disks {
         let vd = view_disk(&view, disk.index)?;
@@ -382,7 +442,11 @@ pub fn capture(env: &Env<'_>, store: &Arc<Store>, req: &CaptureReq) -> Result<Ca
     if let Err(e) = view.close(true) {
         (env.note)(format!("cleaning up the disk snapshot: {e}"));
     }
-    Ok(CaptureOut { maps, marks })
+    Ok(CaptureOut {
+        maps,
+        marks,
+        app_consistent,
+    })
 }
 
 /// A full file system under a disk being written, said plainly: which disk, how much space is

@@ -94,6 +94,12 @@ pub const WORKFLOWS: &[Workflow] = &[
         kind: JobKind::Failover,
         steps: FAILOVER_UNPLANNED,
     },
+    // Changing the point of a failover awaiting commit makes the recovery VM again.
+    Workflow {
+        name: "failover-change-point",
+        kind: JobKind::Failover,
+        steps: FAILOVER_UNPLANNED,
+    },
     Workflow {
         name: "failover-test",
         kind: JobKind::Failover,

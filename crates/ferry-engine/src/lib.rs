@@ -6,6 +6,7 @@
 //! object, its state and the command to run next.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ferry_blocks::{BlockMap, MapJournal};
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod data;
 pub mod faults;
+pub mod hooks;
 pub mod jobs;
 pub mod pipeline;
 pub mod plans;
@@ -87,7 +89,41 @@ pub struct ItemExtra {
     /// The test copy (a drill) running at the recovery site, if any.
     #[serde(default)]
     pub test: Option<TestCopy>,
+    /// The point the recovery copy was restored from, while a failover awaits commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_point: Option<i64>,
+    /// `ferry serve` takes an app-consistent point when the newest is this old (seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_every_secs: Option<u64>,
+    /// App-consistent points are kept this long, beyond the retention (seconds; None: 24 h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_retention_secs: Option<u64>,
 }
+
+/// How a VM is protected: `ferry protect`'s settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protection {
+    /// Recovery-point objective (how often `ferry serve` runs a cycle).
+    pub rpo: Duration,
+    /// How long points are kept (the newest always is).
+    pub retention: Duration,
+    /// Change-detection block size in bytes.
+    pub block_size: u64,
+    /// App-consistent points.
+    pub app: AppPolicy,
+}
+
+/// How often app-consistent points are taken and how long they are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppPolicy {
+    /// Take one when the newest app-consistent point is this old (`ferry serve`'s scheduler).
+    pub every: Option<Duration>,
+    /// Keep them this long (default [`DEFAULT_APP_RETENTION`]).
+    pub retention: Option<Duration>,
+}
+
+/// How long app-consistent points are kept when `--app-retention` is not given.
+pub const DEFAULT_APP_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// The shape of a protected VM (everything but its disks' content).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +134,9 @@ pub struct SavedSpec {
     pub memory: u64,
     /// Switch of each NIC.
     pub nics: Vec<String>,
+    /// Boot image (`guest`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 impl From<ferry_hypervisor::VmSpec> for SavedSpec {
@@ -106,6 +145,7 @@ impl From<ferry_hypervisor::VmSpec> for SavedSpec {
             cpus: s.cpus,
             memory: s.memory,
             nics: s.nics,
+            image: s.image,
         }
     }
 }
@@ -196,6 +236,20 @@ impl Engine {
         };
         e.reconcile()?;
         Ok(e)
+    }
+
+    /// Another engine on the same installation with the same settings (observer, key,
+    /// agents) and its own vault connection: for jobs that run in parallel threads.
+    pub fn sibling(&self) -> Result<Engine> {
+        Ok(Engine {
+            home: self.home.clone(),
+            vault: Vault::open(&self.home)?,
+            observer: self.observer.clone(),
+            notify: self.notify.clone(),
+            key_file: self.key_file.clone(),
+            key_id: self.key_id.clone(),
+            remote: self.remote.clone(),
+        })
     }
 
     /// Receives job snapshots while jobs run (for progress bars).
@@ -618,11 +672,18 @@ impl Engine {
                 }
                 let params = v.job_params(job.id)?;
                 let side = workflows::side_mode(&params);
+                let flag = match side {
+                    Some("change-point") => format!(
+                        " --point {}",
+                        params.get("point").and_then(|p| p.as_i64()).unwrap_or_default()
+                    ),
+                    Some(m) => format!(" --{m}"),
+                    None => String::new(),
+                };
                 let msg = format!(
-                    "interrupted: the ferry process running this job stopped unexpectedly; run `ferry {} {}{}` to resume",
+                    "interrupted: the ferry process running this job stopped unexpectedly; run `ferry {} {}{flag}` to resume",
                     workflows::resume_command(job.kind),
                     job.vm,
-                    side.map(|m| format!(" --{m}")).unwrap_or_default()
                 );
                 v.set_job_state(job.id, ferry_model::JobState::Failed, Some(&msg))?;
                 if let Some(mut item) = v.item(&job.vm)? {

@@ -62,6 +62,16 @@ impl PlanAction {
         }
     }
 
+    /// True for the actions that run the groups' steps (pre/post commands, pauses and
+    /// parallelism): those that start VMs somewhere, failovers (drills too) and failbacks.
+    fn has_steps(&self) -> bool {
+        match self {
+            PlanAction::Failover { .. } | PlanAction::Test { .. } => true,
+            PlanAction::Failback(o) => !o.dry_run,
+            _ => false,
+        }
+    }
+
     /// States in which a VM already went through this action (a re-run skips it).
     fn done(&self, s: ItemState) -> bool {
         match self {
@@ -79,15 +89,50 @@ impl PlanAction {
     }
 }
 
-pub use ferry_api::{PlanRun, PlanStep};
+pub use ferry_api::{GroupSteps, HookRun, PlanRun, PlanStep};
 
 impl Engine {
-    /// Creates a plan of ordered VM groups; every VM must exist and appear once.
-    pub fn create_plan(&self, name: &str, groups: Vec<Vec<String>>) -> Result<Vec<Vec<String>>> {
+    /// Creates a plan of ordered VM groups, with optional steps around each group; every VM
+    /// must exist and appear once.
+    pub fn create_plan(
+        &self,
+        name: &str,
+        groups: Vec<Vec<String>>,
+        steps: Vec<GroupSteps>,
+    ) -> Result<(Vec<Vec<String>>, Vec<GroupSteps>)> {
         ferry_model::validate_name("plan", name)?;
         let groups: Vec<Vec<String>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
         if groups.is_empty() {
             bail!("plan {name} needs at least one group: --group VM[,VM]...");
+        }
+        if steps.len() > groups.len() {
+            bail!(
+                "plan {name} has {} groups but steps for {}; --pre, --post, --timeout, --pause and --parallel follow the --group they belong to",
+                groups.len(),
+                steps.len()
+            );
+        }
+        for (i, st) in steps.iter().enumerate() {
+            if st.parallel == Some(0) {
+                bail!(
+                    "plan {name}, group {}: --parallel must be at least 1",
+                    i + 1
+                );
+            }
+            if st.timeout_s == Some(0) {
+                bail!(
+                    "plan {name}, group {}: --timeout must be longer than 0 s",
+                    i + 1
+                );
+            }
+            for cmd in [&st.pre, &st.post].into_iter().flatten() {
+                if cmd.trim().is_empty() {
+                    bail!(
+                        "plan {name}, group {}: an empty --pre or --post command",
+                        i + 1
+                    );
+                }
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for vm in groups.iter().flatten() {
@@ -97,8 +142,19 @@ impl Engine {
             self.locate_vm(vm, None)
                 .with_context(|| format!("plan {name}"))?;
         }
-        self.vault.add_plan(name, &groups)?;
-        Ok(groups)
+        // Trailing groups without steps need no entry.
+        let mut steps = steps;
+        while steps.last().is_some_and(|s| *s == GroupSteps::default()) {
+            steps.pop();
+        }
+        self.vault.atomically(|v| {
+            v.add_plan(name, &groups)?;
+            v.set_plan_steps(
+                name,
+                &serde_json::to_value(&steps).expect("steps serialize"),
+            )
+        })?;
+        Ok((groups, steps))
     }
 
     /// The groups of a plan.
@@ -106,6 +162,15 @@ impl Engine {
         self.vault.plan(name)?.ok_or_else(|| {
             anyhow!("no plan named {name}; create it with `ferry plan create {name} --group VM[,VM]...`")
         })
+    }
+
+    /// The steps around a plan's groups (an entry per group; missing ones are empty).
+    pub fn plan_steps(&self, name: &str) -> Result<Vec<GroupSteps>> {
+        let groups = self.plan(name)?;
+        let mut steps: Vec<GroupSteps> = serde_json::from_value(self.vault.plan_steps(name)?)
+            .with_context(|| format!("plan {name}: its steps in the vault are unreadable"))?;
+        steps.resize(groups.len(), GroupSteps::default());
+        Ok(steps)
     }
 
     /// True when `item`'s VM already went through `action` (a re-run skips it).
@@ -119,12 +184,28 @@ impl Engine {
         })
     }
 
-    /// Runs `action` on every VM of the plan, group after group.
-    pub fn run_plan(&self, name: &str, action: PlanAction, opts: RunOpts) -> Result<PlanRun> {
+    /// Runs `action` on every VM of the plan, group after group, from group `start` (0: the
+    /// first; a resumed run starts after the group whose pause stopped it). Failover and
+    /// failback runs also run each group's pre and post commands and stop at its pause.
+    pub fn run_plan(
+        &self,
+        name: &str,
+        action: PlanAction,
+        opts: RunOpts,
+        start: usize,
+    ) -> Result<PlanRun> {
         let groups = self.plan(name)?;
+        let steps = self.plan_steps(name)?;
+        if start >= groups.len() {
+            bail!(
+                "plan {name} has {} groups; nothing to run from group {}",
+                groups.len(),
+                start + 1
+            );
+        }
         let cmd = action.command();
         // Every VM must be able to take the step before any VM takes it.
-        for vm in groups.iter().flatten() {
+        for vm in groups[start..].iter().flatten() {
             let item = self.item(vm).with_context(|| format!("plan {name}"))?;
             if self.plan_done(&action, &item)? {
                 continue;
@@ -153,58 +234,237 @@ impl Engine {
         let mut out = PlanRun {
             plan: name.into(),
             action: action.name().into(),
+            first_group: start + 1,
             groups: Vec::new(),
+            hooks: Vec::new(),
+            paused: None,
         };
-        for (gi, group) in groups.iter().enumerate() {
-            let mut steps = Vec::new();
+        let with_steps = action.has_steps();
+        for (gi, group) in groups.iter().enumerate().skip(start) {
+            let st = &steps[gi];
+            // A group whose VMs all went through already is passed over, steps and all.
+            let mut todo = Vec::new();
             for vm in group {
-                let item = self.item(vm)?;
-                if self.plan_done(&action, &item)? {
-                    steps.push(PlanStep {
+                if !self.plan_done(&action, &self.item(vm)?)? {
+                    todo.push(vm.clone());
+                }
+            }
+            let stopped = |what: String| {
+                anyhow!(
+                    "plan {name} stopped at group {}: {what}; groups after it were not touched. Fix the cause and re-run `ferry plan {} {name}` (VMs that went through are skipped)",
+                    gi + 1,
+                    action.name()
+                )
+            };
+            if with_steps && !todo.is_empty() {
+                if let Some(c) = &st.pre {
+                    let h = self.run_hook(name, &action, gi, group, "pre", c, st)?;
+                    let failed = hook_failure(&h);
+                    out.hooks.push(h);
+                    if let Some(why) = failed {
+                        return Err(stopped(why));
+                    }
+                }
+            }
+            let parallel = if with_steps {
+                st.parallel.unwrap_or(1).max(1) as usize
+            } else {
+                1
+            };
+            let results = self.run_group(&action, &todo, opts, parallel)?;
+            let mut steps_out = Vec::new();
+            let mut failures = Vec::new();
+            for vm in group {
+                match results.iter().find(|(v, _)| v == vm) {
+                    None => steps_out.push(PlanStep {
                         vm: vm.clone(),
                         job: None,
                         dry_run: None,
                         skipped: true,
-                    });
-                    continue;
+                    }),
+                    Some((_, Ok((job, dry_run)))) => steps_out.push(PlanStep {
+                        vm: vm.clone(),
+                        job: job.clone(),
+                        dry_run: dry_run.clone(),
+                        skipped: false,
+                    }),
+                    Some((_, Err(e))) => failures.push(format!("VM {vm} failed: {e:#}")),
                 }
-                let r = match &action {
-                    PlanAction::Failover { mode, host } => self
-                        .failover(vm, *mode, None, host.as_deref(), opts)
-                        .map(|j| (Some(j), None)),
-                    PlanAction::Failback(o) => {
-                        let mut o = o.clone();
-                        o.run = Some(opts);
-                        self.failback(vm, &o)
-                    }
-                    PlanAction::Complete { verify } => {
-                        self.complete(vm, opts, *verify).map(|j| (Some(j), None))
-                    }
-                    PlanAction::Commit => self.commit(vm).map(|j| (Some(j), None)),
-                    PlanAction::ReverseReplicate => self
-                        .reverse_replicate(vm, opts, false)
-                        .map(|j| (Some(j), None)),
-                    PlanAction::Test { host, switch } => self
-                        .test_failover(vm, None, host.as_deref(), switch.as_deref(), opts)
-                        .map(|j| (Some(j), None)),
-                    PlanAction::CleanupTest => self.cleanup_test(vm, opts).map(|j| (Some(j), None)),
-                };
-                let (job, dry_run) = r.with_context(|| {
-                    format!(
-                        "plan {name} stopped at VM {vm} (group {}); VMs before it went through; fix the cause and re-run `ferry plan {} {name}` (finished VMs are skipped)",
-                        gi + 1,
-                        action.name()
-                    )
-                })?;
-                steps.push(PlanStep {
-                    vm: vm.clone(),
-                    job,
-                    dry_run,
-                    skipped: false,
-                });
             }
-            out.groups.push(steps);
+            out.groups.push(steps_out);
+            if !failures.is_empty() {
+                return Err(stopped(failures.join("; ")));
+            }
+            if with_steps && !todo.is_empty() {
+                if let Some(c) = &st.post {
+                    let h = self.run_hook(name, &action, gi, group, "post", c, st)?;
+                    let failed = hook_failure(&h);
+                    out.hooks.push(h);
+                    if let Some(why) = failed {
+                        return Err(stopped(why));
+                    }
+                }
+                if let (Some(text), true) = (&st.pause, gi + 1 < groups.len()) {
+                    out.paused = Some(text.clone());
+                    return Ok(out);
+                }
+            }
         }
         Ok(out)
     }
+
+    /// Runs `action` on the VMs `todo`, up to `parallel` at once (each with its own vault
+    /// connection); answers each VM's outcome, in `todo`'s order.
+    #[allow(clippy::type_complexity)]
+    fn run_group(
+        &self,
+        action: &PlanAction,
+        todo: &[String],
+        opts: RunOpts,
+        parallel: usize,
+    ) -> Result<Vec<(String, Result<VmOutcome>)>> {
+        if parallel <= 1 || todo.len() <= 1 {
+            let mut out = Vec::new();
+            for vm in todo {
+                let r = self.plan_vm(action, vm, opts);
+                let failed = r.is_err();
+                out.push((vm.clone(), r));
+                if failed {
+                    // One at a time: the VMs after a failing one are not started.
+                    break;
+                }
+            }
+            return Ok(out);
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results = std::sync::Mutex::new(Vec::new());
+        let engines = (0..parallel.min(todo.len()))
+            .map(|_| self.sibling())
+            .collect::<Result<Vec<_>>>()?;
+        std::thread::scope(|s| {
+            for e in engines {
+                let (next, results) = (&next, &results);
+                s.spawn(move || loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some(vm) = todo.get(i) else { break };
+                    let r = e.plan_vm(action, vm, opts);
+                    results.lock().unwrap().push((i, vm.clone(), r));
+                });
+            }
+        });
+        let mut r = results.into_inner().unwrap();
+        r.sort_by_key(|(i, _, _)| *i);
+        Ok(r.into_iter().map(|(_, vm, r)| (vm, r)).collect())
+    }
+
+    /// Runs `action` on one VM of a plan.
+    fn plan_vm(&self, action: &PlanAction, vm: &str, opts: RunOpts) -> Result<VmOutcome> {
+        match action {
+            PlanAction::Failover { mode, host } => self
+                .failover(vm, *mode, None, host.as_deref(), opts)
+                .map(|j| (Some(j), None)),
+            PlanAction::Failback(o) => {
+                let mut o = o.clone();
+                o.run = Some(opts);
+                self.failback(vm, &o)
+            }
+            PlanAction::Complete { verify } => {
+                self.complete(vm, opts, *verify).map(|j| (Some(j), None))
+            }
+            PlanAction::Commit => self.commit(vm).map(|j| (Some(j), None)),
+            PlanAction::ReverseReplicate => self
+                .reverse_replicate(vm, opts, false)
+                .map(|j| (Some(j), None)),
+            PlanAction::Test { host, switch } => self
+                .test_failover(vm, None, host.as_deref(), switch.as_deref(), opts)
+                .map(|j| (Some(j), None)),
+            PlanAction::CleanupTest => self.cleanup_test(vm, opts).map(|j| (Some(j), None)),
+        }
+    }
+
+    /// Runs a group's pre or post command (`sh -c`) with the plan's context in its
+    /// environment, killing it (and what it started) past the group's timeout.
+    #[allow(clippy::too_many_arguments)]
+    fn run_hook(
+        &self,
+        plan: &str,
+        action: &PlanAction,
+        gi: usize,
+        group: &[String],
+        step: &str,
+        command: &str,
+        st: &GroupSteps,
+    ) -> Result<HookRun> {
+        let timeout =
+            std::time::Duration::from_secs(st.timeout_s.unwrap_or(DEFAULT_HOOK_TIMEOUT_S));
+        let env = [
+            ("FERRY_PLAN", plan.to_string()),
+            ("FERRY_PLAN_ACTION", action.name().to_string()),
+            ("FERRY_PLAN_GROUP", (gi + 1).to_string()),
+            ("FERRY_PLAN_STEP", step.to_string()),
+            ("FERRY_PLAN_VMS", group.join(",")),
+            ("FERRY_HOME", self.home.display().to_string()),
+        ];
+        let r = crate::hooks::run(command, &env, timeout).with_context(|| {
+            format!(
+                "plan {plan}, group {}: cannot run its {step} command",
+                gi + 1
+            )
+        })?;
+        let h = HookRun {
+            group: gi + 1,
+            step: step.into(),
+            command: command.into(),
+            exit_code: r.exit_code,
+            timed_out: r.timed_out,
+            output: r.output,
+            elapsed_ms: r.elapsed.as_millis() as u64,
+        };
+        let outcome = match (h.timed_out, h.exit_code) {
+            (true, _) => format!("killed after {}", ferry_model::format_duration(timeout)),
+            (false, Some(c)) => format!("exit {c}"),
+            (false, None) => "killed by a signal".into(),
+        };
+        self.vault.event(
+            None,
+            None,
+            &format!(
+                "plan {plan}, group {}: {step} command `{command}` ended ({outcome}); output: {}",
+                gi + 1,
+                last_lines(&h.output, 5)
+            ),
+        )?;
+        Ok(h)
+    }
+}
+
+/// What one VM's part of a plan run produced: its job, or a dry run's prediction.
+type VmOutcome = (Option<ferry_model::Job>, Option<ferry_api::DryRun>);
+
+/// Longest a group's pre or post command runs when the plan gives no `--timeout`.
+pub const DEFAULT_HOOK_TIMEOUT_S: u64 = 300;
+
+/// Why a pre or post command counts as failed, if it does.
+fn hook_failure(h: &HookRun) -> Option<String> {
+    let what = format!("its {} command `{}`", h.step, h.command);
+    let tail = last_lines(&h.output, 3);
+    let tail = if tail.is_empty() {
+        String::new()
+    } else {
+        format!(" (output: {tail})")
+    };
+    match (h.timed_out, h.exit_code) {
+        (false, Some(0)) => None,
+        (true, _) => Some(format!(
+            "{what} ran longer than its timeout and was killed{tail}"
+        )),
+        (false, Some(c)) => Some(format!("{what} failed with exit code {c}{tail}")),
+        (false, None) => Some(format!("{what} was killed by a signal{tail}")),
+    }
+}
+
+/// The last `n` non-empty lines of `s`, joined with " | ".
+fn last_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }

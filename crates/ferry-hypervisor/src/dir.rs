@@ -139,6 +139,7 @@ impl DirDriver {
             disks,
             nics: vm.nics.clone(),
             qmp: None,
+            image: None,
         })
     }
 }
@@ -163,6 +164,12 @@ impl Hypervisor for DirDriver {
 
     fn create_vm(&self, spec: &VmSpec) -> Result<VmInfo> {
         self.check_spec(spec)?;
+        if let Some(image) = &spec.image {
+            return Err(HvError::Invalid(format!(
+                "host {} (dir driver) runs no guest, so it cannot boot image {image:?}; create the VM on a qemu host",
+                self.host.name
+            )));
+        }
         let dir = self.vm_dir(&spec.name)?;
         if is_vm_dir(&dir) {
             return Err(HvError::VmExists {
@@ -298,6 +305,7 @@ mod tests {
             memory: 1 << 30,
             disks: vec![1 << 20, 65536 + 7],
             nics: nics.iter().map(|s| s.to_string()).collect(),
+            image: None,
         }
     }
 

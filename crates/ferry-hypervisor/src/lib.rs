@@ -14,7 +14,9 @@ use ferry_model::Host;
 use serde::{Deserialize, Serialize};
 
 mod dir;
+pub mod guest;
 pub mod qemu;
+pub mod qga;
 pub mod qmp;
 pub use dir::DirDriver;
 pub use qemu::QemuDriver;
@@ -119,6 +121,16 @@ pub enum HvError {
     /// Invalid input.
     #[error("{0}")]
     Invalid(String),
+    /// The guest could not be frozen or thawed through its guest agent.
+    #[error("VM {vm} on host {host}: {detail}")]
+    GuestAgent {
+        /// VM name.
+        vm: String,
+        /// Host name.
+        host: String,
+        /// What failed.
+        detail: String,
+    },
 }
 
 /// Result alias of drivers.
@@ -183,6 +195,9 @@ pub struct VmInfo {
     /// The VM's QMP monitor socket (QEMU only; it answers while the VM runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qmp: Option<PathBuf>,
+    /// The boot image the VM runs (`guest`: ferry's test guest), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// What ferry keeps to learn later which parts of a disk changed since a moment.
@@ -295,7 +310,7 @@ impl Drop for DiskView {
 }
 
 /// What to create.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VmSpec {
     /// VM name.
     pub name: String,
@@ -307,6 +322,9 @@ pub struct VmSpec {
     pub disks: Vec<u64>,
     /// Switch of each NIC.
     pub nics: Vec<String>,
+    /// Boot image (`guest`: ferry's test guest, see `scripts/guest-image.sh`); `None`: no
+    /// operating system (the disks are data only).
+    pub image: Option<String>,
 }
 
 impl VmSpec {
@@ -318,6 +336,7 @@ impl VmSpec {
             memory: vm.memory,
             disks: vm.disks.iter().map(|d| d.size).collect(),
             nics: vm.nics.iter().map(|n| n.switch.clone()).collect(),
+            image: vm.image.clone(),
         }
     }
 }
@@ -418,6 +437,25 @@ pub trait Hypervisor: Send + Sync {
             vm: vm.into(),
             host: self.host().name.clone(),
         }
+    }
+
+    /// Freezes the guest's file systems through its guest agent (they are flushed and take
+    /// no writes until [`Hypervisor::thaw_guest`]), waiting at most `timeout`; returns how
+    /// many were frozen. The default: this driver runs no guest agent.
+    fn freeze_guest(&self, vm: &str, timeout: std::time::Duration) -> Result<u32> {
+        let _ = timeout;
+        Err(HvError::GuestAgent {
+            vm: vm.into(),
+            host: self.host().name.clone(),
+            detail: "this host's driver has no guest agent channel".into(),
+        })
+    }
+
+    /// Thaws what [`Hypervisor::freeze_guest`] froze (also after a freeze that timed out:
+    /// the agent may finish it late). Nothing frozen: nothing happens.
+    fn thaw_guest(&self, vm: &str) -> Result<()> {
+        let _ = vm;
+        Ok(())
     }
 
     /// Disk formats this driver reads and writes.

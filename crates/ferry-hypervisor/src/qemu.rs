@@ -77,12 +77,51 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// QMP reply timeout of the driver's short sessions.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the guest agent to thaw (per attempt).
+const QGA_THAW_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a qemu-nbd server to listen.
 const NBD_START_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest path a Unix socket address holds (`sun_path` minus the terminating NUL).
 const SOCKET_PATH_MAX: usize = 107;
 /// Environment variable that forces the accelerator (`tcg`, `kvm` or `auto`).
 pub const ACCEL_ENV: &str = "FERRY_QEMU_ACCEL";
+/// The name of ferry's test guest image (`--image guest`).
+pub const GUEST_IMAGE: &str = "guest";
+/// Environment variable naming the folder of the built test guest (`vmlinuz`, `initrd.img`).
+pub const GUEST_IMAGE_ENV: &str = "FERRY_GUEST_IMAGE";
+/// Environment variable: the test guest's pause between two files of its workload, in ms.
+pub const GUEST_PACE_ENV: &str = "FERRY_GUEST_PACE_MS";
+/// Memory a VM booting the test guest gets at least (its kernel and initramfs need it).
+const GUEST_MIN_MEMORY_MIB: u64 = 256;
+
+/// The folder of the built test guest: [`GUEST_IMAGE_ENV`], else `~/.cache/ferry/guest`.
+pub fn guest_image_dir() -> PathBuf {
+    match std::env::var_os(GUEST_IMAGE_ENV) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/ferry/guest"),
+    }
+}
+
+/// The built test guest's folder, or an error saying how to build it.
+fn find_guest_image() -> Result<PathBuf> {
+    let dir = guest_image_dir();
+    if dir.join("vmlinuz").is_file() && dir.join("initrd.img").is_file() {
+        return Ok(dir);
+    }
+    Err(HvError::Invalid(format!(
+        "the test guest image is not built in {}: run `scripts/guest-image.sh` from ferry's source tree (or set {GUEST_IMAGE_ENV} to the folder it built)",
+        dir.display()
+    )))
+}
+
+/// The test guest's workload pace in milliseconds ([`GUEST_PACE_ENV`], default 200).
+fn guest_pace_ms() -> u64 {
+    std::env::var(GUEST_PACE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(200)
+}
 
 const HINT: &str = "install QEMU (from ferry's source tree: `scripts/install-deps.sh`; Debian 12: `apt-get install -t bookworm-backports qemu-system-x86 qemu-utils`) or use --driver dir";
 
@@ -153,6 +192,9 @@ struct VmFile {
     disks: Vec<DiskFile>,
     #[serde(default)]
     nics: Vec<Nic>,
+    /// Boot image (`guest`): its kernel and initramfs are copied into the VM folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,11 +218,19 @@ struct VmPaths {
     nbd_log: PathBuf,
     unclean: PathBuf,
     lock: PathBuf,
+    qga: PathBuf,
+    console: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
 }
 
 impl VmPaths {
     fn new(dir: PathBuf) -> Self {
         VmPaths {
+            qga: dir.join("qga.sock"),
+            console: dir.join("console.log"),
+            kernel: dir.join("boot-vmlinuz"),
+            initrd: dir.join("boot-initrd.img"),
             json: dir.join("vm.json"),
             pid: dir.join("qemu.pid"),
             qmp: dir.join("qmp.sock"),
@@ -386,7 +436,7 @@ impl QemuDriver {
         if died && p.pid.exists() {
             let _ = std::fs::write(&p.unclean, b"QEMU exited without `ferry vm stop`\n");
         }
-        for f in [&p.pid, &p.qmp, &p.nbd] {
+        for f in [&p.pid, &p.qmp, &p.nbd, &p.qga] {
             let _ = std::fs::remove_file(f);
         }
     }
@@ -534,6 +584,7 @@ impl QemuDriver {
             disks,
             nics: vm.nics.clone(),
             qmp: Some(p.qmp.clone()),
+            image: vm.image.clone(),
         })
     }
 
@@ -563,11 +614,46 @@ impl QemuDriver {
         push("-display".into());
         push("none".into());
         push("-m".into());
-        push(format!("{}M", vm.memory.div_ceil(1 << 20).max(16)));
+        let min_mib = if vm.image.is_some() {
+            GUEST_MIN_MEMORY_MIB
+        } else {
+            16
+        };
+        push(format!("{}M", vm.memory.div_ceil(1 << 20).max(min_mib)));
         push("-smp".into());
         push(vm.cpus.max(1).to_string());
-        push("-serial".into());
-        push("null".into());
+        if vm.image.is_some() {
+            // The guest's kernel and initramfs (copied in at create); its console is kept.
+            push("-kernel".into());
+            push(p.kernel.to_string_lossy().into());
+            push("-initrd".into());
+            push(p.initrd.to_string_lossy().into());
+            push("-append".into());
+            push(format!(
+                "console=ttyS0 quiet panic=-1 ferry.pace={}",
+                guest_pace_ms()
+            ));
+            push("-chardev".into());
+            push(format!(
+                "file,id=console0,path={},append=on",
+                opt_escape(&p.console.to_string_lossy())
+            ));
+            push("-serial".into());
+            push("chardev:console0".into());
+        } else {
+            push("-serial".into());
+            push("null".into());
+        }
+        // The guest agent's channel (a guest without an agent leaves it unanswered).
+        push("-device".into());
+        push("virtio-serial-pci,id=vser0".into());
+        push("-chardev".into());
+        push(format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            opt_escape(&p.qga.to_string_lossy())
+        ));
+        push("-device".into());
+        push("virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into());
         push("-qmp".into());
         push(format!(
             "unix:{},server=on,wait=off",
@@ -594,7 +680,17 @@ impl QemuDriver {
     /// Starts QEMU for `vm` and waits until QMP reports it running.
     fn launch(&self, vm: &VmFile, p: &VmPaths) -> Result<()> {
         self.check_socket_path(&p.qmp)?;
-        for f in [&p.qmp, &p.nbd] {
+        if vm.image.is_some() && !(p.kernel.is_file() && p.initrd.is_file()) {
+            return Err(self.process(
+                &vm.name,
+                format!(
+                    "its boot files {} and {} are missing; delete the VM and create it again",
+                    p.kernel.display(),
+                    p.initrd.display()
+                ),
+            ));
+        }
+        for f in [&p.qmp, &p.nbd, &p.qga] {
             let _ = std::fs::remove_file(f);
         }
         let args = self.command_line(vm, p)?;
@@ -906,7 +1002,25 @@ impl Hypervisor for QemuDriver {
             });
         }
         self.check_socket_path(&p.qmp)?;
+        let image = match spec.image.as_deref() {
+            None => None,
+            Some(GUEST_IMAGE) => Some(find_guest_image()?),
+            Some(other) => {
+                return Err(HvError::Invalid(format!(
+                    "unknown image {other:?}: the qemu driver boots `--image {GUEST_IMAGE}` (ferry's test guest), or no image"
+                )))
+            }
+        };
         std::fs::create_dir_all(&p.dir).map_err(self.io(p.dir.display()))?;
+        if let Some(dir) = &image {
+            for (from, to) in [("vmlinuz", &p.kernel), ("initrd.img", &p.initrd)] {
+                std::fs::copy(dir.join(from), to).map_err(self.io(format!(
+                    "copy {} to {}",
+                    dir.join(from).display(),
+                    to.display()
+                )))?;
+            }
+        }
         let mut disks = Vec::new();
         for (i, &size) in spec.disks.iter().enumerate() {
             let file = format!("disk{i}.qcow2");
@@ -949,6 +1063,7 @@ impl Hypervisor for QemuDriver {
                 .iter()
                 .map(|s| Nic { switch: s.clone() })
                 .collect(),
+            image: spec.image.clone(),
         };
         self.write(&vm)?;
         self.info(&vm)
@@ -1099,6 +1214,55 @@ impl Hypervisor for QemuDriver {
         }
         self.prepare_stopped_images(&vm, &p, "start change tracking")?;
         self.mark_stopped(&vm)
+    }
+
+    fn freeze_guest(&self, vm: &str, timeout: Duration) -> Result<u32> {
+        let p = self.paths(vm)?;
+        self.must_read(vm)?;
+        let fail = |detail: String| HvError::GuestAgent {
+            vm: vm.into(),
+            host: self.host.name.clone(),
+            detail,
+        };
+        if Self::live_pid(&p).is_none() {
+            return Err(fail(
+                "the VM is not running, so no guest agent can freeze it".into(),
+            ));
+        }
+        let started = Instant::now();
+        let mut q = crate::qga::Qga::connect(&p.qga, timeout).map_err(|e| fail(e.to_string()))?;
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(1));
+        let n = q
+            .execute("guest-fsfreeze-freeze", None, left)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(n.as_u64().unwrap_or(0) as u32)
+    }
+
+    fn thaw_guest(&self, vm: &str) -> Result<()> {
+        let p = self.paths(vm)?;
+        if Self::live_pid(&p).is_none() {
+            return Ok(());
+        }
+        let fail = |e: crate::qga::QgaError| {
+            HvError::GuestAgent {
+            vm: vm.into(),
+            host: self.host.name.clone(),
+            detail: format!("thawing its file systems failed: {e}; they may still be frozen: check with `guest-fsfreeze-status` on {} or restart the VM", p.qga.display()),
+        }
+        };
+        // The sync waits behind a freeze the agent is still finishing, then the thaw runs.
+        let mut last = None;
+        for _ in 0..3 {
+            match crate::qga::Qga::connect(&p.qga, QGA_THAW_TIMEOUT)
+                .and_then(|mut q| q.execute("guest-fsfreeze-thaw", None, QGA_THAW_TIMEOUT))
+            {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(fail(last.expect("three attempts")))
     }
 
     fn open_view(&self, name: &str, since: &[Option<ChangeMark>]) -> Result<DiskView> {

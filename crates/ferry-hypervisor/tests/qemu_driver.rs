@@ -84,6 +84,7 @@ fn qemu_vm_lifecycle_disks_and_death() {
             memory: 128 * MIB,
             disks: vec![32 * MIB, 65536 + 7],
             nics: vec!["lan".into()],
+            image: None,
         })
         .unwrap();
     assert_eq!(vm.power, Power::Stopped);
@@ -99,6 +100,7 @@ fn qemu_vm_lifecycle_disks_and_death() {
             memory: 128 * MIB,
             disks: vec![MIB],
             nics: vec!["dmz".into()],
+            image: None,
         })
         .unwrap_err();
     assert!(matches!(err, HvError::MissingSwitch { .. }), "{err}");
@@ -255,6 +257,7 @@ fn a_qemu_that_cannot_start_is_reported_with_its_log() {
         memory: 64 * MIB,
         disks: vec![MIB],
         nics: vec![],
+        image: None,
     })
     .unwrap();
     std::fs::write(dir.path().join("bad/disk0.qcow2"), b"not a qcow2 image").unwrap();
@@ -320,6 +323,7 @@ fn change_tracking_views_are_point_in_time_and_exact() {
         memory: 64 * MIB,
         disks: vec![32 * MIB],
         nics: vec![],
+        image: None,
     })
     .unwrap();
 

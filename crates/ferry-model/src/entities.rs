@@ -135,6 +135,27 @@ pub enum PointKind {
     Failback,
 }
 
+/// What a point's disks hold: a crash's state, or the state of quiesced file systems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// As if the VM had lost power at that moment (journals replay on boot).
+    #[default]
+    Crash,
+    /// Taken while the guest agent held the guest's file systems frozen (flushed, quiet).
+    App,
+}
+
+impl Consistency {
+    /// `app` or `crash`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Crash => "crash",
+            Consistency::App => "app",
+        }
+    }
+}
+
 /// A recovery point as recorded in the vault.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecoveryPoint {
@@ -152,6 +173,9 @@ pub struct RecoveryPoint {
     pub data_bytes: u64,
     /// Key of the manifest object in the store.
     pub manifest: String,
+    /// Crash- or app-consistent.
+    #[serde(default)]
+    pub consistency: Consistency,
 }
 
 /// Kind of durable job.

@@ -357,6 +357,7 @@ impl Hypervisor for AgentDriver {
             memory: spec.memory,
             disks: spec.disks.clone(),
             nics: spec.nics.clone(),
+            image: spec.image.clone(),
         })
     }
     fn delete_vm(&self, name: &str) -> ferry_hypervisor::Result<()> {

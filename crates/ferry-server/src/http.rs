@@ -562,6 +562,20 @@ async fn run_plan(
     .await
 }
 
+/// Continues a plan run that stopped at a group's pause.
+#[utoipa::path(post, path = "/v1/plans/{name}/resume", tag = "plans", params(("name" = String, Path, description = "plan name")), responses((status = 200, body = PlanRun), (status = "4XX", body = ApiError)), security(("token" = [])))]
+async fn resume_plan(
+    State(s): State<Srv>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Reply<PlanRun> {
+    s.call(headers, Role::Operator, move |api| {
+        check_name("plan", &name)?;
+        api.resume_plan(&name)
+    })
+    .await
+}
+
 /// Every token (names and roles; never secrets).
 #[utoipa::path(get, path = "/v1/tokens", tag = "tokens", responses((status = 200, body = Vec<TokenInfo>), (status = "4XX", body = ApiError)), security(("token" = [])))]
 async fn tokens(State(s): State<Srv>, headers: HeaderMap) -> Reply<Vec<TokenInfo>> {
@@ -711,7 +725,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "ferry", description = "Site recovery for virtual machines: the control plane's REST API. Every request but /openapi.json needs `Authorization: Bearer TOKEN`."),
     paths(info, sites, add_site, hosts, host, add_host, vms, vm, create_vm, power, points,
           protect, replicate, reverse_replicate, failover, failback, complete, cancel, commit, verify,
-          statuses, status, jobs, job, job_events, create_plan, plan, run_plan,
+          statuses, status, jobs, job, job_events, create_plan, plan, run_plan, resume_plan,
           tokens, token_new, token_revoke, agent_heartbeat, agent_task, agent_result, agent_progress),
     components(schemas(ApiError, ErrorKind, Empty, AgentDataReply)),
     modifiers(&BearerAuth)
@@ -788,6 +802,7 @@ pub fn router(srv: Srv) -> Router {
         .route("/v1/plans", post(create_plan))
         .route("/v1/plans/{name}", get(plan))
         .route("/v1/plans/{name}/run", post(run_plan))
+        .route("/v1/plans/{name}/resume", post(resume_plan))
         .route("/v1/tokens", get(tokens).post(token_new))
         .route("/v1/tokens/{name}", axum::routing::delete(token_revoke))
         .route("/v1/agent/heartbeat", post(agent_heartbeat))
@@ -944,12 +959,13 @@ mod tests {
             "/v1/jobs/{id}/events",
             "/v1/tokens/{name}",
             "/v1/plans/{name}/run",
+            "/v1/plans/{name}/resume",
         ] {
             assert!(
                 paths.contains_key(p),
                 "{p} missing from the OpenAPI document"
             );
         }
-        assert_eq!(paths.len(), 31, "{:?}", paths.keys().collect::<Vec<_>>());
+        assert_eq!(paths.len(), 32, "{:?}", paths.keys().collect::<Vec<_>>());
     }
 }

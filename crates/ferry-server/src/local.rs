@@ -88,6 +88,55 @@ pub fn vm_view(host: &ferry_model::Host, vm: &VmInfo) -> VmView {
 }
 
 impl Local {
+    /// Runs a plan action from group `start` and records what the run did.
+    fn run_plan_from(&self, name: &str, req: &PlanRunReq, start: usize) -> ApiResult<PlanRun> {
+        use ferry_engine::PlanAction;
+        let (e, _) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
+        let action = match req.action {
+            PlanActionKind::Failover if req.cleanup_test => PlanAction::CleanupTest,
+            PlanActionKind::Failover if req.test => PlanAction::Test {
+                host: req.host.clone(),
+                switch: req.switch.clone(),
+            },
+            PlanActionKind::Failover => PlanAction::Failover {
+                mode: req.mode,
+                host: req.host.clone(),
+            },
+            PlanActionKind::Failback => {
+                PlanAction::Failback(failback_opts(&req.failback.clone().unwrap_or_default()))
+            }
+            PlanActionKind::Complete => PlanAction::Complete { verify: req.verify },
+            PlanActionKind::Commit => PlanAction::Commit,
+            PlanActionKind::ReverseReplicate => PlanAction::ReverseReplicate,
+        };
+        let label = action_label(req);
+        let r = e.run_plan(name, action, opts(&req.data), start);
+        // What the run did, for `plan show` and `plan resume`.
+        let mut progress = serde_json::json!({"action": label, "at": ferry_vault::now()});
+        match &r {
+            Ok(run) => match &run.paused {
+                Some(text) => {
+                    let next = start + run.groups.len();
+                    progress["state"] = "paused".into();
+                    progress["message"] = text.clone().into();
+                    progress["next_group"] = next.into();
+                    // The plan's next group, 1-based, as operators count.
+                    progress["resumes_at_group"] = (next + 1).into();
+                    progress["request"] = serde_json::to_value(req).unwrap_or_default();
+                }
+                None => progress["state"] = "succeeded".into(),
+            },
+            Err(x) => {
+                progress["state"] = "failed".into();
+                progress["message"] = format!("{x:#}").into();
+            }
+        }
+        e.vault
+            .set_plan_progress(name, Some(&progress))
+            .map_err(vault_err)?;
+        r.map_err(refused)
+    }
+
     /// The installation at `home` (it must exist: `ferry init`).
     pub fn new(home: &Path) -> Self {
         Local {
@@ -325,6 +374,7 @@ impl Api for Local {
                 memory: req.memory,
                 disks: req.disks.clone(),
                 nics: req.switches.clone(),
+                image: req.image.clone(),
             })
             .map_err(hv)?;
         Ok(vm_view(&h, &info))
@@ -353,9 +403,15 @@ impl Api for Local {
             .protect(
                 vm,
                 &req.to,
-                Duration::from_secs(req.rpo_s),
-                Duration::from_secs(req.retention_s),
-                req.block_size,
+                &ferry_engine::Protection {
+                    rpo: Duration::from_secs(req.rpo_s),
+                    retention: Duration::from_secs(req.retention_s),
+                    block_size: req.block_size,
+                    app: ferry_engine::AppPolicy {
+                        every: req.app_consistent_every_s.map(Duration::from_secs),
+                        retention: req.app_retention_s.map(Duration::from_secs),
+                    },
+                },
                 opts(&req.data),
             )
             .map_err(refused)?;
@@ -365,7 +421,7 @@ impl Api for Local {
     fn replicate(&self, vm: &str, req: &ReplicateReq) -> ApiResult<RunReply> {
         let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
         let job = e
-            .replicate(vm, opts(&req.data), req.verify)
+            .replicate(vm, opts(&req.data), req.verify, req.app_consistent)
             .map_err(refused)?;
         Ok(Self::reply(job, &notes))
     }
@@ -386,24 +442,23 @@ impl Api for Local {
 
     fn failover(&self, vm: &str, req: &FailoverReq) -> ApiResult<RunReply> {
         let (e, notes) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
+        let point = if req.latest_app_consistent {
+            Some(e.latest_app_point(vm).map_err(refused)?)
+        } else {
+            req.point
+        };
         let job = if req.cleanup_test {
             e.cleanup_test(vm, opts(&req.data))
         } else if req.test {
             e.test_failover(
                 vm,
-                req.point,
+                point,
                 req.host.as_deref(),
                 req.switch.as_deref(),
                 opts(&req.data),
             )
         } else {
-            e.failover(
-                vm,
-                req.mode,
-                req.point,
-                req.host.as_deref(),
-                opts(&req.data),
-            )
+            e.failover(vm, req.mode, point, req.host.as_deref(), opts(&req.data))
         }
         .map_err(refused)?;
         Ok(Self::reply(job, &notes))
@@ -500,44 +555,70 @@ impl Api for Local {
 
     fn create_plan(&self, req: &PlanCreate) -> ApiResult<PlanView> {
         let (e, _) = self.engine(None, None)?;
-        let groups = e
-            .create_plan(&req.name, req.groups.clone())
+        let (groups, steps) = e
+            .create_plan(&req.name, req.groups.clone(), req.steps.clone())
             .map_err(refused)?;
         Ok(PlanView {
             name: req.name.clone(),
             groups,
+            steps,
+            last_run: None,
         })
     }
 
     fn plan(&self, name: &str) -> ApiResult<PlanView> {
         let (e, _) = self.engine(None, None)?;
+        let groups = e.plan(name).map_err(refused)?;
+        let mut steps = e.plan_steps(name).map_err(refused)?;
+        while steps
+            .last()
+            .is_some_and(|s| *s == ferry_api::GroupSteps::default())
+        {
+            steps.pop();
+        }
+        let last_run = e
+            .vault
+            .plan_progress(name)
+            .map_err(vault_err)?
+            .map(|mut p| {
+                // The request is kept for `plan resume`; callers see what happened.
+                if let Some(o) = p.as_object_mut() {
+                    o.remove("request");
+                }
+                p
+            });
         Ok(PlanView {
             name: name.into(),
-            groups: e.plan(name).map_err(refused)?,
+            groups,
+            steps,
+            last_run,
         })
     }
 
     fn run_plan(&self, name: &str, req: &PlanRunReq) -> ApiResult<PlanRun> {
-        use ferry_engine::PlanAction;
-        let (e, _) = self.engine(req.key.as_deref(), req.key_id.as_deref())?;
-        let action = match req.action {
-            PlanActionKind::Failover if req.cleanup_test => PlanAction::CleanupTest,
-            PlanActionKind::Failover if req.test => PlanAction::Test {
-                host: req.host.clone(),
-                switch: req.switch.clone(),
-            },
-            PlanActionKind::Failover => PlanAction::Failover {
-                mode: req.mode,
-                host: req.host.clone(),
-            },
-            PlanActionKind::Failback => {
-                PlanAction::Failback(failback_opts(&req.failback.clone().unwrap_or_default()))
-            }
-            PlanActionKind::Complete => PlanAction::Complete { verify: req.verify },
-            PlanActionKind::Commit => PlanAction::Commit,
-            PlanActionKind::ReverseReplicate => PlanAction::ReverseReplicate,
+        self.run_plan_from(name, req, 0)
+    }
+
+    fn resume_plan(&self, name: &str) -> ApiResult<PlanRun> {
+        let (e, _) = self.engine(None, None)?;
+        e.plan(name).map_err(refused)?;
+        let p = e.vault.plan_progress(name).map_err(vault_err)?;
+        let paused = p.as_ref().filter(|p| p["state"] == "paused");
+        let Some(p) = paused else {
+            return Err(ApiError::refused(format!(
+                "plan {name} is not paused{}; `ferry plan show {name}` shows its last run",
+                p.as_ref()
+                    .and_then(|p| p["state"].as_str().map(|s| format!(" (its last run {s})")))
+                    .unwrap_or_default()
+            )));
         };
-        e.run_plan(name, action, opts(&req.data)).map_err(refused)
+        let req: PlanRunReq = serde_json::from_value(p["request"].clone()).map_err(|x| {
+            ApiError::refused(format!(
+                "plan {name}: the paused run's request is unreadable ({x}); run the plan command again"
+            ))
+        })?;
+        let next = p["next_group"].as_u64().unwrap_or(0) as usize;
+        self.run_plan_from(name, &req, next)
     }
 
     fn token_new(&self, req: &TokenNew) -> ApiResult<TokenCreated> {
@@ -606,6 +687,19 @@ fn failback_opts(req: &FailbackReq) -> ferry_engine::FailbackOpts {
         dry_run: req.dry_run,
         verify: req.verify,
         run: Some(opts(&req.data)),
+    }
+}
+
+/// The command a plan run request stands for, as an operator types it (`failover --test`).
+fn action_label(req: &PlanRunReq) -> String {
+    match req.action {
+        PlanActionKind::Failover if req.cleanup_test => "failover --cleanup-test".into(),
+        PlanActionKind::Failover if req.test => "failover --test".into(),
+        PlanActionKind::Failover => "failover".into(),
+        PlanActionKind::Failback => "failback".into(),
+        PlanActionKind::Complete => "complete".into(),
+        PlanActionKind::Commit => "commit".into(),
+        PlanActionKind::ReverseReplicate => "reverse-replicate".into(),
     }
 }
 

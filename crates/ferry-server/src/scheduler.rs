@@ -75,19 +75,30 @@ fn run(local: Local, stop: Arc<AtomicBool>) {
             if busy {
                 continue;
             }
-            let age = vault
-                .points(&item.vm)
-                .ok()
-                .and_then(|p| p.first().cloned())
+            let points = vault.points(&item.vm).unwrap_or_default();
+            let age = points
+                .first()
                 .and_then(|p| crate::local::seconds_since(&p.created_at));
             if !due(&item, age, tried.get(&item.vm).map(|t| t.elapsed())) {
                 continue;
             }
             tried.insert(item.vm.clone(), Instant::now());
             running.lock().unwrap().insert(item.vm.clone());
+            let every = vault
+                .item_extra(&item.vm)
+                .ok()
+                .and_then(|x| x.get("app_every_secs").and_then(|v| v.as_u64()));
+            let app_age = points
+                .iter()
+                .find(|p| p.consistency == ferry_model::Consistency::App)
+                .and_then(|p| crate::local::seconds_since(&p.created_at));
+            let req = ReplicateReq {
+                app_consistent: app_due(every, app_age),
+                ..Default::default()
+            };
             let (local, running, vm) = (local.clone(), running.clone(), item.vm.clone());
             std::thread::spawn(move || {
-                match local.replicate(&vm, &ReplicateReq::default()) {
+                match local.replicate(&vm, &req) {
                     Ok(r) => tracing::info!(
                         "scheduler: VM {vm}: replication cycle done (job {})",
                         r.job.map(|j| j.id).unwrap_or_default()
@@ -100,9 +111,27 @@ fn run(local: Local, stop: Arc<AtomicBool>) {
     }
 }
 
+/// Whether a cycle should be app-consistent: an interval is set and the newest app-consistent
+/// point (`app_age` seconds old, None: there is none) is at least that old.
+fn app_due(every: Option<u64>, app_age: Option<u64>) -> bool {
+    match (every, app_age) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(every), Some(age)) => age >= every,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_consistent_cycles_follow_their_interval() {
+        assert!(!app_due(None, None));
+        assert!(app_due(Some(3600), None));
+        assert!(!app_due(Some(3600), Some(3599)));
+        assert!(app_due(Some(3600), Some(3600)));
+    }
 
     fn item(state: ItemState, rpo: u64) -> ProtectedItem {
         ProtectedItem {

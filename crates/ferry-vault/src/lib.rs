@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_model::{
-    DriverKind, Host, ItemState, Job, JobKind, JobState, PointKind, ProtectedItem, RecoveryPoint,
-    Role, Site, SiteRole, Step, TokenInfo,
+    Consistency, DriverKind, Host, ItemState, Job, JobKind, JobState, PointKind, ProtectedItem,
+    RecoveryPoint, Role, Site, SiteRole, Step, TokenInfo,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -56,6 +56,13 @@ const MIGRATIONS: &[&str] = &[
     // 7: the resources a job was started with (threads, bandwidth), for a control plane that
     // continues it after a restart
     "ALTER TABLE jobs ADD COLUMN run_opts TEXT;",
+    // 8: app-consistent recovery points (taken with the guest's file systems frozen)
+    "ALTER TABLE points ADD COLUMN consistency TEXT NOT NULL DEFAULT 'crash';",
+    // 9: plans with steps around their groups (pre/post commands, pauses, parallelism), and
+    // what the plan's last run did (where a paused run resumes)
+    "ALTER TABLE plans ADD COLUMN steps TEXT NOT NULL DEFAULT '[]';
+     ALTER TABLE plans ADD COLUMN progress TEXT;
+     CREATE TABLE point_ids(id INTEGER PRIMARY KEY);",
 ];
 
 /// Errors of the vault.
@@ -179,6 +186,11 @@ fn point_row(r: &Row) -> rusqlite::Result<RecoveryPoint> {
         size: r.get::<_, i64>(4)? as u64,
         data_bytes: r.get::<_, i64>(5)? as u64,
         manifest: r.get(6)?,
+        consistency: if r.get::<_, String>(7)? == "app" {
+            Consistency::App
+        } else {
+            Consistency::Crash
+        },
     })
 }
 
@@ -458,20 +470,34 @@ impl Vault {
 
     // ---- recovery points ----
 
-    /// Reserves the next point id (manifests are written under it before it is recorded).
+    /// Reserves the next point id (manifests are written under it before it is recorded):
+    /// each call answers a new one, also to jobs of other threads and processes running at
+    /// the same time.
     pub fn next_point_id(&self) -> Result<i64> {
-        let max: Option<i64> = self.conn.query_row(
-            "SELECT MAX(v) FROM (SELECT MAX(id) AS v FROM points UNION ALL SELECT seq FROM sqlite_sequence WHERE name='points')",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok(max.unwrap_or(0) + 1)
+        let reserve = |v: &Vault| -> Result<i64> {
+            let max: Option<i64> = v.conn.query_row(
+                "SELECT MAX(v) FROM (SELECT MAX(id) AS v FROM points
+                     UNION ALL SELECT seq FROM sqlite_sequence WHERE name='points'
+                     UNION ALL SELECT MAX(id) FROM point_ids)",
+                [],
+                |r| r.get(0),
+            )?;
+            let id = max.unwrap_or(0) + 1;
+            v.conn
+                .execute("INSERT INTO point_ids(id) VALUES (?1)", [id])?;
+            Ok(id)
+        };
+        if self.conn.is_autocommit() {
+            self.atomically(reserve)
+        } else {
+            reserve(self)
+        }
     }
 
     /// Records a point whose manifest is already stored.
     pub fn add_point(&self, p: &RecoveryPoint) -> Result<()> {
         self.conn.execute(
-            "INSERT INTO points(id, vm, created_at, kind, size, data_bytes, manifest) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            "INSERT INTO points(id, vm, created_at, kind, size, data_bytes, manifest, consistency) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
             params![
                 p.id,
                 p.vm,
@@ -482,7 +508,8 @@ impl Vault {
                 },
                 p.size as i64,
                 p.data_bytes as i64,
-                p.manifest
+                p.manifest,
+                p.consistency.as_str()
             ],
         )?;
         Ok(())
@@ -491,7 +518,7 @@ impl Vault {
     /// Points of a VM, newest first.
     pub fn points(&self, vm: &str) -> Result<Vec<RecoveryPoint>> {
         let mut st = self.conn.prepare(
-            "SELECT id, vm, created_at, kind, size, data_bytes, manifest FROM points WHERE vm = ?1 ORDER BY id DESC",
+            "SELECT id, vm, created_at, kind, size, data_bytes, manifest, consistency FROM points WHERE vm = ?1 ORDER BY id DESC",
         )?;
         let v = st
             .query_map([vm], point_row)?
@@ -504,7 +531,7 @@ impl Vault {
         Ok(self
             .conn
             .query_row(
-                "SELECT id, vm, created_at, kind, size, data_bytes, manifest FROM points WHERE id = ?1",
+                "SELECT id, vm, created_at, kind, size, data_bytes, manifest, consistency FROM points WHERE id = ?1",
                 [id],
                 point_row,
             )
@@ -692,6 +719,50 @@ impl Vault {
             params![name, serde_json::to_string(groups).unwrap()],
         )?;
         Ok(())
+    }
+
+    /// Sets the steps of a plan's groups (JSON, one entry per group).
+    pub fn set_plan_steps(&self, name: &str, steps: &serde_json::Value) -> Result<()> {
+        self.conn.execute(
+            "UPDATE plans SET steps = ?2 WHERE name = ?1",
+            params![name, steps.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// The steps of a plan's groups (JSON; `[]` when it has none).
+    pub fn plan_steps(&self, name: &str) -> Result<serde_json::Value> {
+        Ok(self
+            .conn
+            .query_row("SELECT steps FROM plans WHERE name = ?1", [name], |r| {
+                json(r.get(0)?)
+            })
+            .optional()?
+            .unwrap_or_else(|| serde_json::json!([])))
+    }
+
+    /// Records what the plan's last run did (JSON; None clears it).
+    pub fn set_plan_progress(
+        &self,
+        name: &str,
+        progress: Option<&serde_json::Value>,
+    ) -> Result<()> {
+        self.conn.execute(
+            "UPDATE plans SET progress = ?2 WHERE name = ?1",
+            params![name, progress.map(|p| p.to_string())],
+        )?;
+        Ok(())
+    }
+
+    /// What the plan's last run did, if anything is recorded.
+    pub fn plan_progress(&self, name: &str) -> Result<Option<serde_json::Value>> {
+        let s: Option<Option<String>> = self
+            .conn
+            .query_row("SELECT progress FROM plans WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(s.flatten().and_then(|s| serde_json::from_str(&s).ok()))
     }
 
     /// A plan's groups, if the plan exists.
@@ -947,9 +1018,13 @@ mod tests {
             size: 1,
             data_bytes: 1,
             manifest: "m".into(),
+            consistency: Consistency::App,
         })
         .unwrap();
+        assert_eq!(v.points("web").unwrap()[0].consistency, Consistency::App);
         assert_eq!(v.next_point_id().unwrap(), id + 1);
+        // Reserved ids are not handed out twice, even before their points are recorded.
+        assert_eq!(v.next_point_id().unwrap(), id + 2);
         let mut j = v
             .create_job(
                 JobKind::Failback,
@@ -986,5 +1061,13 @@ mod tests {
         assert!(v.add_plan("p", &groups).is_err());
         assert_eq!(v.plan("p").unwrap().unwrap(), groups);
         assert!(v.plan("q").unwrap().is_none());
+        assert_eq!(v.plan_steps("p").unwrap(), serde_json::json!([]));
+        let steps = serde_json::json!([{"pre": "true", "parallel": 2}]);
+        v.set_plan_steps("p", &steps).unwrap();
+        assert_eq!(v.plan_steps("p").unwrap(), steps);
+        assert_eq!(v.plan_progress("p").unwrap(), None);
+        let progress = serde_json::json!({"state": "paused", "next_group": 1});
+        v.set_plan_progress("p", Some(&progress)).unwrap();
+        assert_eq!(v.plan_progress("p").unwrap(), Some(progress));
     }
 }

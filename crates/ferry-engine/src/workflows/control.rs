@@ -41,6 +41,11 @@ impl Engine {
                 let switch = params.get("switch").and_then(|h| h.as_str());
                 Some(self.test_failover(vm, point, host, switch, opts)?)
             }
+            JobKind::Failover if side_mode(&params) == Some("change-point") => {
+                let point = params.get("point").and_then(|p| p.as_i64());
+                let point = point.ok_or_else(|| anyhow!("job {id} names no point"))?;
+                Some(self.change_point(vm, point, opts)?)
+            }
             JobKind::Failover if side_mode(&params) == Some("cleanup-test") => {
                 Some(self.cleanup_test(vm, opts)?)
             }
@@ -54,7 +59,10 @@ impl Engine {
                 let point = point.filter(|_| mode == FailoverMode::Unplanned);
                 Some(self.failover(vm, mode, point, host, opts)?)
             }
-            JobKind::Replicate => Some(self.replicate(vm, opts, false)?),
+            JobKind::Replicate => {
+                let app = params.get("app_consistent").and_then(|a| a.as_bool());
+                Some(self.replicate(vm, opts, false, app.unwrap_or(false))?)
+            }
             JobKind::ReverseReplicate => Some(self.reverse_replicate(vm, opts, false)?),
             JobKind::Commit => Some(self.commit(vm)?),
             JobKind::Protect => None,

@@ -23,12 +23,13 @@ pub struct TestCopy {
     pub switch: String,
 }
 
-/// The drill a job's parameters describe (`test`, `cleanup-test`), if it is one.
+/// The side job a job's parameters describe (`test`, `cleanup-test`, `change-point`), if it
+/// is one: a job that leaves the VM's lifecycle state alone.
 pub(crate) fn side_mode(params: &serde_json::Value) -> Option<&str> {
     params
         .get("mode")
         .and_then(|m| m.as_str())
-        .filter(|m| *m == "test" || *m == "cleanup-test")
+        .filter(|m| *m == "test" || *m == "cleanup-test" || *m == "change-point")
 }
 
 /// The name of `vm`'s test copy.
@@ -131,6 +132,7 @@ impl Engine {
                 memory: shape.memory,
                 disks: maps.iter().map(|m| m.size).collect(),
                 nics: vec![switch.clone(); shape.nics.len()],
+                image: shape.image.clone(),
             };
             rd.create_vm(&spec)?;
             for i in 0..maps.len() as u32 {
@@ -218,7 +220,7 @@ impl Engine {
 
     /// Makes job `id` the item's current job without changing its lifecycle state (a drill's
     /// jobs leave the VM `protected`).
-    fn side_job(&self, item: &ProtectedItem, id: i64) -> Result<()> {
+    pub(super) fn side_job(&self, item: &ProtectedItem, id: i64) -> Result<()> {
         let mut it = item.clone();
         it.job = Some(id);
         self.vault.update_item(&it)?;
@@ -239,7 +241,7 @@ impl Engine {
     }
 
     /// Ends a job that leaves the VM's lifecycle state alone.
-    fn close_side_job(&self, vm: &str, run: JobRun, r: Result<()>) -> Result<Job> {
+    pub(super) fn close_side_job(&self, vm: &str, run: JobRun, r: Result<()>) -> Result<Job> {
         match r {
             Ok(()) => run.close(&self.vault, JobState::Succeeded, None),
             Err(e) => {

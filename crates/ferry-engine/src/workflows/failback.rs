@@ -535,6 +535,7 @@ impl Engine {
             disks,
             verify,
             crosses_sites: false,
+            app_consistent: false,
         };
         let out = self.capture_on(run, rhost, store, &req)?;
         drop(req);
@@ -698,7 +699,14 @@ impl Engine {
         for i in 0..maps.len() as u32 {
             td.set_disk_consistent(vm, i, true)?;
         }
-        self.record_point(run, &store, vm, maps.clone(), PointKind::Failback)?;
+        self.record_point(
+            run,
+            &store,
+            vm,
+            maps.clone(),
+            PointKind::Failback,
+            Consistency::Crash,
+        )?;
         let mut it = self.item(vm)?;
         it.primary_host = thost.name.clone();
         self.vault.update_item(&it)?;

@@ -7,8 +7,8 @@ use anyhow::{anyhow, bail, Result};
 use ferry_blocks::{BlockMap, Manifest, MapJournal};
 use ferry_hypervisor::{DiskView, Hypervisor, Power, VmInfo, VmSpec};
 use ferry_model::{
-    begin, finish, Command, Host, ItemState, Job, JobKind, JobState, Outcome, PointKind,
-    ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
+    begin, finish, Command, Consistency, Host, ItemState, Job, JobKind, JobState, Outcome,
+    PointKind, ProtectedItem, RecoveryPoint, SiteRole, Step, SyncMode,
 };
 use ferry_store::Store;
 use serde::{Deserialize, Serialize};

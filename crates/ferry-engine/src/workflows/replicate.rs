@@ -8,11 +8,15 @@ impl Engine {
         &self,
         vm: &str,
         site: &str,
-        rpo: Duration,
-        retention: Duration,
-        block_size: u64,
+        policy: &crate::Protection,
         opts: RunOpts,
     ) -> Result<Job> {
+        let crate::Protection {
+            rpo,
+            retention,
+            block_size,
+            app,
+        } = *policy;
         ferry_model::validate_name("VM", vm)?;
         if !(4096..=ferry_blocks::MAX_BLOCK_SIZE).contains(&block_size)
             || !block_size.is_power_of_two()
@@ -80,6 +84,8 @@ impl Engine {
                 key_id: key_id.clone(),
                 key_file: key_id.as_ref().and(self.key_file.clone()),
                 vm_spec: Some(VmSpec::like(&info).into()),
+                app_every_secs: app.every.map(|d| d.as_secs()),
+                app_retention_secs: app.retention.map(|d| d.as_secs()),
                 ..Default::default()
             },
         )?;
@@ -93,13 +99,19 @@ impl Engine {
         )?;
         self.enter(&mut item, next, run.id())?;
         let r = self
-            .replicate_copy(&run, &item, &host, "initial replication", false)
+            .replicate_copy(&run, &item, &host, "initial replication", false, false)
             .map(|p| (Outcome::Succeeded, p));
         Ok(self.conclude(vm, Command::Protect, run, r)?.0)
     }
 
-    /// Runs one replication cycle now.
-    pub fn replicate(&self, vm: &str, opts: RunOpts, verify: bool) -> Result<Job> {
+    /// Runs one replication cycle now; `app_consistent` freezes the guest around the snapshot.
+    pub fn replicate(
+        &self,
+        vm: &str,
+        opts: RunOpts,
+        verify: bool,
+        app_consistent: bool,
+    ) -> Result<Job> {
         let mut item = self.item(vm)?;
         self.check_no_running_job(&item)?;
         let next = begin(vm, item.state, Command::Replicate)?;
@@ -109,12 +121,19 @@ impl Engine {
             JobKind::Replicate,
             vm,
             crate::faults::REPLICATE,
-            json!({}),
+            json!({"app_consistent": app_consistent}),
             opts,
         )?;
         self.enter(&mut item, next, run.id())?;
         let r = self
-            .replicate_copy(&run, &item, &host, "replicate changes", verify)
+            .replicate_copy(
+                &run,
+                &item,
+                &host,
+                "replicate changes",
+                verify,
+                app_consistent,
+            )
             .map(|p| (Outcome::Succeeded, p));
         Ok(self.conclude(vm, Command::Replicate, run, r)?.0)
     }
@@ -142,6 +161,7 @@ impl Engine {
                 &host,
                 "replicate changes since failback",
                 verify,
+                false,
             )
             .map(|p| (Outcome::Succeeded, p));
         Ok(self.conclude(vm, Command::ReverseReplicate, run, r)?.0)
@@ -157,6 +177,7 @@ impl Engine {
         host: &Host,
         step: &str,
         verify: bool,
+        app_consistent: bool,
     ) -> Result<RecoveryPoint> {
         let d = self.driver(host)?;
         let info = d
@@ -184,8 +205,14 @@ impl Engine {
             disks,
             verify,
             crosses_sites: true,
+            app_consistent,
         };
         let out = self.capture_on(run, host, &store, &req)?;
+        let consistency = if out.app_consistent {
+            Consistency::App
+        } else {
+            Consistency::Crash
+        };
         let maps: Vec<BlockMap> = out.maps.into_iter().map(|m| m.0).collect();
         for (disk, m) in info.disks.iter().zip(&maps) {
             self.save_map(&item.vm, Copy::Primary, disk.index, m)?;
@@ -196,7 +223,14 @@ impl Engine {
         });
         extra.vm_spec = Some(VmSpec::like(&info).into());
         self.set_extra(&item.vm, &extra)?;
-        let point = self.record_point(run, &store, &item.vm, maps, PointKind::Replication)?;
+        let point = self.record_point(
+            run,
+            &store,
+            &item.vm,
+            maps,
+            PointKind::Replication,
+            consistency,
+        )?;
         self.apply_retention(run, &store, item)?;
         run.end_step();
         Ok(point)
@@ -209,6 +243,7 @@ impl Engine {
         vm: &str,
         maps: Vec<BlockMap>,
         kind: PointKind,
+        consistency: Consistency,
     ) -> Result<RecoveryPoint> {
         let _span = tracing::debug_span!("record_point").entered();
         let id = self.vault.next_point_id()?;
@@ -222,6 +257,7 @@ impl Engine {
             size: m.size(),
             data_bytes: m.disks.iter().map(|d| d.data_bytes()).sum(),
             manifest: key,
+            consistency,
         };
         self.vault.add_point(&p)?;
         Ok(p)
@@ -236,15 +272,21 @@ impl Engine {
         item: &ProtectedItem,
     ) -> Result<()> {
         let points = self.vault.points(&item.vm)?;
-        let cutoff = now_secs() - item.retention_secs as i64;
-        // A test copy's point stays while the copy exists.
-        let in_use = self.extra(&item.vm)?.test.map(|t| t.point);
-        let expired: Vec<_> = points
-            .iter()
-            .skip(1)
-            .filter(|p| parse_rfc3339(&p.created_at).unwrap_or(i64::MAX) < cutoff)
-            .filter(|p| Some(p.id) != in_use)
-            .collect();
+        let extra = self.extra(&item.vm)?;
+        let keep = Retention {
+            now: now_secs(),
+            retention_secs: item.retention_secs,
+            app_retention_secs: extra
+                .app_retention_secs
+                .unwrap_or(crate::DEFAULT_APP_RETENTION.as_secs()),
+            // A test copy's point stays while the copy exists, a pending failover's until
+            // commit.
+            in_use: [extra.test.map(|t| t.point), extra.failover_point]
+                .into_iter()
+                .flatten()
+                .collect(),
+        };
+        let expired = keep.expired(&points);
         if expired.is_empty() {
             return Ok(());
         }
@@ -274,5 +316,79 @@ impl Engine {
             )?;
         }
         Ok(())
+    }
+}
+
+/// Which recovery points retention deletes (pure: the caller reads the clock and the vault).
+struct Retention {
+    /// Unix time now.
+    now: i64,
+    /// Points older than this are deleted…
+    retention_secs: u64,
+    /// …but app-consistent ones only when older than this too.
+    app_retention_secs: u64,
+    /// Points a test copy or a pending failover uses: kept.
+    in_use: Vec<i64>,
+}
+
+impl Retention {
+    /// The expired points of `points` (newest first, as the vault lists them): never the
+    /// newest, nor one in use.
+    fn expired<'a>(&self, points: &'a [RecoveryPoint]) -> Vec<&'a RecoveryPoint> {
+        let cutoff = self.now - self.retention_secs as i64;
+        let app_cutoff = self.now - self.app_retention_secs as i64;
+        points
+            .iter()
+            .skip(1)
+            .filter(|p| {
+                let at = parse_rfc3339(&p.created_at).unwrap_or(i64::MAX);
+                at < cutoff && (p.consistency != Consistency::App || at < app_cutoff)
+            })
+            .filter(|p| !self.in_use.contains(&p.id))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(id: i64, age_secs: i64, consistency: Consistency) -> RecoveryPoint {
+        RecoveryPoint {
+            id,
+            vm: "app".into(),
+            created_at: ferry_model::rfc3339(1_000_000 - age_secs),
+            kind: PointKind::Replication,
+            size: 1,
+            data_bytes: 1,
+            manifest: format!("m{id}"),
+            consistency,
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_points_in_use_and_app_points_for_longer() {
+        let points = vec![
+            point(6, 7200, Consistency::Crash), // the newest, however old
+            point(5, 7300, Consistency::App),   // app, within the app retention
+            point(4, 7400, Consistency::Crash), // used by a test copy
+            point(3, 7500, Consistency::Crash), // used by a pending failover
+            point(2, 7600, Consistency::Crash), // expired
+            point(1, 90_000, Consistency::App), // app, past the app retention too
+        ];
+        let r = Retention {
+            now: 1_000_000,
+            retention_secs: 3600,
+            app_retention_secs: 86_400,
+            in_use: vec![4, 3],
+        };
+        let ids: Vec<i64> = r.expired(&points).iter().map(|p| p.id).collect();
+        assert_eq!(ids, [2, 1]);
+        // Within the retention nothing goes.
+        let r = Retention {
+            retention_secs: 100_000,
+            ..r
+        };
+        assert!(r.expired(&points).is_empty());
     }
 }
