@@ -606,6 +606,20 @@ pub enum SiteCmd {
     },
     /// List sites.
     List,
+    /// Show a site with its network map. Example: ferry site show prim --json
+    Show {
+        /// Site name
+        name: String,
+    },
+    /// Map a switch of one site to a switch of another, both ways: a failover or failback
+    /// between them attaches each NIC on one to the other (without a mapping, to a switch of
+    /// the same name, or the move is refused before anything changes).
+    ///
+    /// Example: ferry site map-network prim:lan=dr:dr-lan
+    MapNetwork {
+        /// SITE_A:SWITCH=SITE_B:SWITCH
+        mapping: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -854,6 +868,26 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("site {} ({}) store {}", s.name, s.role.as_str(), s.store)
             }
+        }
+        Cmd::Site(SiteCmd::Show { name }) => {
+            print_site(&api(&cli)?.site(name)?, j);
+        }
+        Cmd::Site(SiteCmd::MapNetwork { mapping }) => {
+            let bad = || {
+                anyhow::anyhow!(
+                    "{mapping:?} is not a network mapping: write SITE_A:SWITCH=SITE_B:SWITCH, e.g. prim:lan=dr:dr-lan"
+                )
+            };
+            let (a, b) = mapping.split_once('=').ok_or_else(bad)?;
+            let (sa, wa) = a.split_once(':').ok_or_else(bad)?;
+            let (sb, wb) = b.split_once(':').ok_or_else(bad)?;
+            let v = api(&cli)?.map_network(&NetworkMapReq {
+                site: sa.trim().into(),
+                switch: wa.trim().into(),
+                to_site: sb.trim().into(),
+                to_switch: wb.trim().into(),
+            })?;
+            print_site(&v, j);
         }
         Cmd::Site(SiteCmd::List) => {
             let sites = api(&cli)?.sites()?;
@@ -1683,6 +1717,21 @@ fn group_steps_from_args(groups: usize) -> Result<Vec<ferry_api::GroupSteps>> {
         }
     }
     Ok(steps)
+}
+
+/// Prints a site with its network map.
+fn print_site(s: &SiteView, j: bool) {
+    if j {
+        output::json(s);
+        return;
+    }
+    println!("site {} ({}) store {}", s.name, s.role.as_str(), s.store);
+    if s.network_map.is_empty() {
+        println!("  no network map: NICs join switches of the same name at other sites");
+    }
+    for m in &s.network_map {
+        println!("  switch {} ↔ {}:{}", m.switch, m.to_site, m.to_switch);
+    }
 }
 
 fn fmt_groups(groups: &[Vec<String>]) -> String {

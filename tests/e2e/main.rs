@@ -17,6 +17,7 @@ mod guest;
 mod jobs;
 mod lifecycle;
 mod matrix;
+mod networks;
 mod plans;
 mod qemu;
 mod serve;

@@ -244,6 +244,12 @@ impl Api for Client {
     fn add_site(&self, req: &SiteAdd) -> ApiResult<Site> {
         self.post("/v1/sites", req)
     }
+    fn site(&self, name: &str) -> ApiResult<SiteView> {
+        self.get(&format!("/v1/sites/{}", segment(name)))
+    }
+    fn map_network(&self, req: &NetworkMapReq) -> ApiResult<SiteView> {
+        self.post("/v1/network-map", req)
+    }
     fn hosts(&self) -> ApiResult<Vec<HostView>> {
         self.get("/v1/hosts")
     }

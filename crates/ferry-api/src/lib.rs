@@ -29,6 +29,10 @@ pub trait Api {
     fn sites(&self) -> ApiResult<Vec<Site>>;
     /// Adds a site (admin).
     fn add_site(&self, req: &SiteAdd) -> ApiResult<Site>;
+    /// One site with its network map.
+    fn site(&self, name: &str) -> ApiResult<SiteView>;
+    /// Maps a switch of one site to a switch of another, both ways (admin).
+    fn map_network(&self, req: &NetworkMapReq) -> ApiResult<SiteView>;
 
     /// Every host with its connection state.
     fn hosts(&self) -> ApiResult<Vec<HostView>>;

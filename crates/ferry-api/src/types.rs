@@ -33,6 +33,44 @@ pub struct SiteAdd {
     pub no_store_check: bool,
 }
 
+/// `ferry site map-network A:SWITCH=B:SWITCH`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkMapReq {
+    /// One site.
+    pub site: String,
+    /// Its switch.
+    pub switch: String,
+    /// The other site.
+    pub to_site: String,
+    /// The switch there that NICs on `switch` join (and the other way round).
+    pub to_switch: String,
+}
+
+/// One entry of a site's network map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkMapping {
+    /// A switch of this site.
+    pub switch: String,
+    /// The other site.
+    pub to_site: String,
+    /// The switch there.
+    pub to_switch: String,
+}
+
+/// `ferry site show`: a site with its network map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SiteView {
+    /// Site name.
+    pub name: String,
+    /// Primary or recovery.
+    pub role: SiteRole,
+    /// Store URL.
+    pub store: String,
+    /// Where NICs on this site's switches go at other sites.
+    pub network_map: Vec<NetworkMapping>,
+}
+
 /// `ferry host add`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

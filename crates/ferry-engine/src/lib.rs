@@ -450,6 +450,62 @@ impl Engine {
         Ok(host)
     }
 
+    /// Maps switch `a_switch` of site `a` to `b_switch` of site `b`, both ways: a failover or
+    /// failback between them attaches a NIC on one to the other.
+    pub fn map_network(&self, a: &str, a_switch: &str, b: &str, b_switch: &str) -> Result<()> {
+        self.site(a)?;
+        self.site(b)?;
+        if a == b {
+            bail!("a network map joins two sites; {a} is named twice");
+        }
+        ferry_model::validate_name("switch", a_switch)?;
+        ferry_model::validate_name("switch", b_switch)?;
+        self.vault.map_network(a, a_switch, b, b_switch)?;
+        Ok(())
+    }
+
+    /// The switches `vm`'s NICs (on `switches`, at site `from`) join on host `to`: each one's
+    /// mapped switch (`ferry site map-network`), else the same name; refused, naming the NIC
+    /// and the fix, when `to` lacks that switch.
+    pub fn target_nics(
+        &self,
+        vm: &str,
+        from: &str,
+        to: &Host,
+        switches: &[String],
+    ) -> Result<Vec<String>> {
+        switches
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mapped = if from == to.site {
+                    None
+                } else {
+                    self.vault.mapped_switch(from, s, &to.site)?
+                };
+                let target = mapped.clone().unwrap_or_else(|| s.clone());
+                if to.switches.contains(&target) {
+                    return Ok(target);
+                }
+                let have = if to.switches.is_empty() {
+                    "none".to_string()
+                } else {
+                    to.switches.join(", ")
+                };
+                match mapped {
+                    Some(m) => bail!(
+                        "NIC {i} of VM {vm} is on switch {s} at site {from}, mapped to {m} at site {}, but host {} has no switch {m} (it has: {have}); add it to the host or map the network again with `ferry site map-network {from}:{s}={}:SWITCH`",
+                        to.site, to.name, to.site
+                    ),
+                    None => bail!(
+                        "NIC {i} of VM {vm} is on switch {s} at site {from}, which has no mapping to site {} and host {} has no switch {s} (it has: {have}); map it with `ferry site map-network {from}:{s}={}:SWITCH`",
+                        to.site, to.name, to.site
+                    ),
+                }
+            })
+            .collect()
+    }
+
     /// A site by name.
     pub fn site(&self, name: &str) -> Result<Site> {
         self.vault.site(name)?.ok_or_else(|| {

@@ -365,6 +365,35 @@ async fn add_site(
     .await
 }
 
+/// One site with its network map.
+#[utoipa::path(get, path = "/v1/sites/{name}", tag = "inventory", params(("name" = String, Path, description = "site name")), responses((status = 200, body = SiteView), (status = "4XX", body = ApiError)), security(("token" = [])))]
+async fn site(
+    State(s): State<Srv>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Reply<SiteView> {
+    s.call(headers, Role::Viewer, move |api| {
+        check_name("site", &name)?;
+        api.site(&name)
+    })
+    .await
+}
+
+/// Maps a switch of one site to a switch of another (both ways).
+#[utoipa::path(post, path = "/v1/network-map", tag = "inventory", request_body = NetworkMapReq, responses((status = 200, body = SiteView), (status = "4XX", body = ApiError)), security(("token" = [])))]
+async fn map_network(
+    State(s): State<Srv>,
+    headers: HeaderMap,
+    Body(req): Body<NetworkMapReq>,
+) -> Reply<SiteView> {
+    s.call(headers, Role::Admin, move |api| {
+        check_name("site", &req.site)?;
+        check_name("site", &req.to_site)?;
+        api.map_network(&req)
+    })
+    .await
+}
+
 /// Every host with its connection state.
 #[utoipa::path(get, path = "/v1/hosts", tag = "inventory", responses((status = 200, body = Vec<HostView>)), security(("token" = [])))]
 async fn hosts(State(s): State<Srv>, headers: HeaderMap) -> Reply<Vec<HostView>> {
@@ -723,7 +752,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "ferry", description = "Site recovery for virtual machines: the control plane's REST API. Every request but /openapi.json needs `Authorization: Bearer TOKEN`."),
-    paths(info, sites, add_site, hosts, host, add_host, vms, vm, create_vm, power, points,
+    paths(info, sites, add_site, site, map_network, hosts, host, add_host, vms, vm, create_vm, power, points,
           protect, replicate, reverse_replicate, failover, failback, complete, cancel, commit, verify,
           statuses, status, jobs, job, job_events, create_plan, plan, run_plan, resume_plan,
           tokens, token_new, token_revoke, agent_heartbeat, agent_task, agent_result, agent_progress),
@@ -779,6 +808,8 @@ pub fn router(srv: Srv) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/info", get(info))
         .route("/v1/sites", get(sites).post(add_site))
+        .route("/v1/sites/{name}", get(site))
+        .route("/v1/network-map", post(map_network))
         .route("/v1/hosts", get(hosts).post(add_host))
         .route("/v1/hosts/{name}", get(host))
         .route("/v1/vms", get(vms).post(create_vm))
@@ -966,6 +997,6 @@ mod tests {
                 "{p} missing from the OpenAPI document"
             );
         }
-        assert_eq!(paths.len(), 32, "{:?}", paths.keys().collect::<Vec<_>>());
+        assert_eq!(paths.len(), 34, "{:?}", paths.keys().collect::<Vec<_>>());
     }
 }

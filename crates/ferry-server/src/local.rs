@@ -307,6 +307,35 @@ impl Api for Local {
             .map_err(refused)
     }
 
+    fn site(&self, name: &str) -> ApiResult<SiteView> {
+        let (e, _) = self.engine(None, None)?;
+        let s = e.site(name).map_err(refused)?;
+        Ok(SiteView {
+            network_map: e
+                .vault
+                .network_map(name)
+                .map_err(vault_err)?
+                .into_iter()
+                .map(|(switch, to_site, to_switch)| NetworkMapping {
+                    switch,
+                    to_site,
+                    to_switch,
+                })
+                .collect(),
+            name: s.name,
+            role: s.role,
+            store: s.store,
+        })
+    }
+
+    fn map_network(&self, req: &NetworkMapReq) -> ApiResult<SiteView> {
+        let (e, _) = self.engine(None, None)?;
+        e.map_network(&req.site, &req.switch, &req.to_site, &req.to_switch)
+            .map_err(refused)?;
+        drop(e);
+        self.site(&req.site)
+    }
+
     fn hosts(&self) -> ApiResult<Vec<HostView>> {
         let (e, _) = self.engine(None, None)?;
         Ok(e.vault

@@ -63,6 +63,11 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE plans ADD COLUMN steps TEXT NOT NULL DEFAULT '[]';
      ALTER TABLE plans ADD COLUMN progress TEXT;
      CREATE TABLE point_ids(id INTEGER PRIMARY KEY);",
+    // 10: network mapping between sites: a NIC on `from_switch` at `from_site` joins
+    // `to_switch` at `to_site` (each pair is stored in both directions)
+    "CREATE TABLE network_map(from_site TEXT NOT NULL, from_switch TEXT NOT NULL,
+                              to_site TEXT NOT NULL, to_switch TEXT NOT NULL,
+                              PRIMARY KEY(from_site, from_switch, to_site));",
 ];
 
 /// Errors of the vault.
@@ -298,6 +303,48 @@ impl Vault {
                         store: r.get(2)?,
                     })
                 },
+            )
+            .optional()?)
+    }
+
+    /// Maps `a_switch` at site `a` to `b_switch` at site `b`, both directions (replacing what
+    /// either switch was mapped to at the other site).
+    pub fn map_network(&self, a: &str, a_switch: &str, b: &str, b_switch: &str) -> Result<()> {
+        self.atomically(|v| {
+            for (fs, fw, ts, tw) in [(a, a_switch, b, b_switch), (b, b_switch, a, a_switch)] {
+                v.conn.execute(
+                    "INSERT OR REPLACE INTO network_map(from_site, from_switch, to_site, to_switch) VALUES (?1,?2,?3,?4)",
+                    params![fs, fw, ts, tw],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The network map of site `site`: (its switch, other site, that site's switch), sorted.
+    pub fn network_map(&self, site: &str) -> Result<Vec<(String, String, String)>> {
+        let mut st = self.conn.prepare(
+            "SELECT from_switch, to_site, to_switch FROM network_map WHERE from_site = ?1 ORDER BY from_switch, to_site",
+        )?;
+        let v = st
+            .query_map([site], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(v)
+    }
+
+    /// The switch at `to_site` that `switch` at `from_site` is mapped to, if any.
+    pub fn mapped_switch(
+        &self,
+        from_site: &str,
+        switch: &str,
+        to_site: &str,
+    ) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT to_switch FROM network_map WHERE from_site = ?1 AND from_switch = ?2 AND to_site = ?3",
+                params![from_site, switch, to_site],
+                |r| r.get(0),
             )
             .optional()?)
     }
@@ -1061,6 +1108,26 @@ mod tests {
         assert!(v.add_plan("p", &groups).is_err());
         assert_eq!(v.plan("p").unwrap().unwrap(), groups);
         assert!(v.plan("q").unwrap().is_none());
+        v.map_network("a", "lan", "b", "dr-lan").unwrap();
+        v.map_network("a", "dmz", "b", "dr-dmz").unwrap();
+        assert_eq!(
+            v.mapped_switch("b", "dr-lan", "a").unwrap().as_deref(),
+            Some("lan")
+        );
+        assert_eq!(
+            v.mapped_switch("a", "lan", "b").unwrap().as_deref(),
+            Some("dr-lan")
+        );
+        assert_eq!(v.mapped_switch("a", "wan", "b").unwrap(), None);
+        // Mapping lan again replaces its old partner in both directions' lookups from a.
+        v.map_network("a", "lan", "b", "dr-lan2").unwrap();
+        assert_eq!(
+            v.network_map("a").unwrap(),
+            [
+                ("dmz".to_string(), "b".to_string(), "dr-dmz".to_string()),
+                ("lan".to_string(), "b".to_string(), "dr-lan2".to_string()),
+            ]
+        );
         assert_eq!(v.plan_steps("p").unwrap(), serde_json::json!([]));
         let steps = serde_json::json!([{"pre": "true", "parallel": 2}]);
         v.set_plan_steps("p", &steps).unwrap();

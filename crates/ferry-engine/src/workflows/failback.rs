@@ -99,15 +99,12 @@ impl Engine {
                     ""
                 }
             ),
-            None => rd.check_switches(&[]).and_then(|_| {
-                td.check_switches(
-                    &rinfo
-                        .nics
-                        .iter()
-                        .map(|n| n.switch.clone())
-                        .collect::<Vec<_>>(),
-                )
-            })?,
+            None => {
+                rd.check_switches(&[])?;
+                // The new VM's NICs join their mapped switches at the primary site.
+                let switches: Vec<String> = rinfo.nics.iter().map(|n| n.switch.clone()).collect();
+                self.target_nics(vm, &item.recovery_site, &thost, &switches)?;
+            }
             Some(t) => {
                 if t.power == Power::Running {
                     bail!(
@@ -319,6 +316,7 @@ impl Engine {
         if td.get_vm(vm)?.is_none() {
             let mut spec = VmSpec::like(rinfo);
             spec.name = vm.clone();
+            spec.nics = self.target_nics(vm, &item.recovery_site, thost, &spec.nics)?;
             td.create_vm(&spec)?;
             // A new VM's disks are all zeros: its maps are exact without reading anything.
             self.drop_maps(vm, Copy::Primary)?;

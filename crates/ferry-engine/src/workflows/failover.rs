@@ -75,8 +75,8 @@ impl Engine {
             (None, Some(s)) => s.clone(),
             (None, None) => bail!("the primary copy of VM {vm} is unreachable and ferry has no record of its shape (CPUs, memory, NICs); re-protect it from a reachable primary"),
         };
-        let nics = shape.nics.clone();
-        rd.check_switches(&nics)?;
+        // Each NIC joins its mapped switch at the recovery site (or one of the same name).
+        let nics = self.target_nics(vm, &phost.site, &rhost, &shape.nics)?;
         let store = self.item_store(&item, &[&rhost, &phost])?;
         store.check()?;
         let names = match mode {
@@ -175,14 +175,24 @@ impl Engine {
         rd.check_connected()?;
         self.require_key(vm, &[&rhost])?;
         let p = self.point_of(vm, Some(id))?;
-        // The recovery copy's shape (its NICs may have been remapped at failover).
-        let shape = match rd.get_vm(vm)? {
-            Some(i) => crate::SavedSpec::from(VmSpec::like(&i)),
-            None => extra.vm_spec.clone().ok_or_else(|| {
-                anyhow!("ferry has no record of VM {vm}'s shape; fail it over again")
-            })?,
+        // The recovery copy's shape, its NICs as mapped at failover; without a copy (an
+        // interrupted change), the primary's shape mapped again.
+        let (shape, nics) = match rd.get_vm(vm)? {
+            Some(i) => {
+                let s = crate::SavedSpec::from(VmSpec::like(&i));
+                rd.check_switches(&s.nics)?;
+                let n = s.nics.clone();
+                (s, n)
+            }
+            None => {
+                let s = extra.vm_spec.clone().ok_or_else(|| {
+                    anyhow!("ferry has no record of VM {vm}'s shape; fail it over again")
+                })?;
+                let from = self.host(&item.primary_host)?.site;
+                let n = self.target_nics(vm, &from, &rhost, &s.nics)?;
+                (s, n)
+            }
         };
-        rd.check_switches(&shape.nics)?;
         let store = self.item_store(&item, &[&rhost])?;
         store.check()?;
         let run = self.new_job(
@@ -210,7 +220,7 @@ impl Engine {
                 &rhost,
                 rd.as_ref(),
                 &shape,
-                &shape.nics,
+                &nics,
                 &p,
                 &manifest,
                 &store,
