@@ -162,8 +162,9 @@ failed=$(( $(wc -l </tmp/good) - ok ))
 last=$(tail -n 1 /tmp/good | cut -c67-)
 echo "FERRY-SUMS ok=$ok failed=$failed malformed=$malformed last=${last:-none}"
 grep -v ': OK$' /tmp/check | sed 's/^/FERRY-SUMS-LOG /' | head -n 20
-# Keep only the lines that verify: the workload appends after them.
-cp /tmp/good SHA256SUMS && sync SHA256SUMS && sync -f /data
+# Keep the well-formed lines (a torn last line goes; a failed one stays, so damage shows at
+# every boot), replaced atomically: a stop in the middle leaves the old list or the new one.
+cp /tmp/good SHA256SUMS.new && sync SHA256SUMS.new && mv SHA256SUMS.new SHA256SUMS && sync -f /data
 port=""
 for d in /sys/class/virtio-ports/*; do
     [ "$(cat "$d/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port="/dev/$(basename "$d")"

@@ -188,6 +188,11 @@ fn a_failing_pre_step_stops_the_plan_before_its_group_and_changes_nothing_later(
     // A step before any --group belongs to no group.
     let err = f.fail(&["plan", "create", "bad", "--pre", "true", "--group", "db"]);
     assert!(err.contains("--pre belongs to a group"), "{err}");
+    // Steps of an empty group do not slide onto the next one.
+    let err = f.fail(&[
+        "plan", "create", "bad", "--group", "db", "--group", "", "--pause", "p", "--group", "web",
+    ]);
+    assert!(err.contains("group 2 has steps but no VM"), "{err}");
 
     let err = f.fail(&["plan", "failover", "shop", "--planned"]);
     for s in [
@@ -309,4 +314,59 @@ fn a_paused_plan_resumes_at_the_next_group_whose_vms_fail_over_in_parallel() {
         err.contains("not paused") && err.contains("succeeded"),
         "{err}"
     );
+}
+
+#[test]
+fn a_failed_post_step_runs_again_on_the_re_run_and_a_refused_command_keeps_a_pause() {
+    let f = Ferry::new();
+    f.setup_two_sites(&["lan"]);
+    for vm in ["db", "app"] {
+        f.protected_vm(vm, &[4 * MIB], &["lan"], MIB);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let healthy = dir.path().join("healthy");
+    let post = format!(
+        "test -f {} || {{ echo db not healthy; exit 3; }}",
+        healthy.display()
+    );
+    f.ok(&[
+        "plan",
+        "create",
+        "shop",
+        "--group",
+        "db",
+        "--post",
+        &post,
+        "--pause",
+        "look at db",
+        "--group",
+        "app",
+    ]);
+    let err = f.fail(&["plan", "failover", "shop", "--unplanned"]);
+    assert!(
+        err.contains("db not healthy") && err.contains("post step runs again"),
+        "{err}"
+    );
+    f.assert_state("db", "failover_commit_pending");
+    f.assert_state("app", "protected");
+
+    // Fixed: the re-run runs group 1's post step (its VM is skipped), then its pause.
+    std::fs::write(&healthy, b"").unwrap();
+    let run = f.json(&["plan", "failover", "shop", "--unplanned"]);
+    assert_eq!(run["groups"][0][0]["skipped"], true, "{run}");
+    assert_eq!(run["hooks"][0]["step"], "post", "{run}");
+    assert_eq!(run["hooks"][0]["exit_code"], 0, "{run}");
+    assert_eq!(run["paused"], "look at db", "{run}");
+    f.assert_state("app", "protected");
+
+    // A plan command refused before it changes anything leaves the pause resumable.
+    let err = f.fail(&["plan", "commit", "shop"]);
+    assert!(err.contains("app"), "{err}");
+    assert_eq!(
+        f.json(&["plan", "show", "shop"])["last_run"]["state"],
+        "paused"
+    );
+    let resumed = f.json(&["plan", "resume", "shop"]);
+    assert_eq!(resumed["first_group"], 2, "{resumed}");
+    f.assert_state("app", "failover_commit_pending");
 }

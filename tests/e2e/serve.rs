@@ -481,3 +481,26 @@ fn with_a_certificate_the_server_speaks_https_and_clients_trust_it_with_ca_cert(
     let out = wait_output(c.spawn().unwrap(), CMD_TIMEOUT, "plain http");
     assert_exit(&out, 1, &["site", "list"]);
 }
+
+#[test]
+fn plan_commands_are_an_admins_to_give_a_plain_plan_an_operators() {
+    let f = Ferry::served();
+    f.setup_two_sites(&["lan"]);
+    f.protected_vm("app", &[4 * MIB], &["lan"], MIB);
+    let operator = new_token(f.home(), "o", "operator");
+    // A pre or post step is a shell command the server runs as itself.
+    refused_as(
+        &f,
+        &operator,
+        &["plan", "create", "p", "--group", "app", "--pre", "id"],
+        "needs role admin",
+    );
+    let out = as_token(
+        &f,
+        &operator,
+        &["plan", "create", "p", "--group", "app", "--pause", "look"],
+    );
+    assert_exit(&out, 0, &["plan", "create"]);
+    // The admin of the harness may.
+    f.ok(&["plan", "create", "q", "--group", "app", "--post", "true"]);
+}

@@ -172,10 +172,23 @@ fn open_consistent_view(
     }
     let timeout = freeze_timeout();
     let frozen = env.driver.freeze_guest(vm, timeout);
+    if let Err(e @ ferry_hypervisor::HvError::NoGuestAgent { .. }) = &frozen {
+        // Nothing was asked of the guest: nothing to thaw.
+        (env.note)(format!(
+            "not app-consistent: {e}; this point is crash-consistent"
+        ));
+        return Ok((env.driver.open_view(vm, since)?, false));
+    }
     let view = env.driver.open_view(vm, since);
     let thawed = env.driver.thaw_guest(vm);
     let view = view?;
     match (frozen, thawed) {
+        (Ok(0), _) => {
+            (env.note)(
+                "not app-consistent: the guest agent froze no file system (none mounted?); this point is crash-consistent".into(),
+            );
+            Ok((view, false))
+        }
         (Ok(n), Ok(())) => {
             tracing::debug!(vm, filesystems = n, "guest frozen around the snapshot");
             Ok((view, true))

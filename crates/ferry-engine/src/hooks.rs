@@ -1,7 +1,10 @@
 //! Commands a recovery plan runs around its groups (`--pre`, `--post`): `sh -c CMD` in its
-//! own process group, output captured (the last [`MAX_OUTPUT`] bytes), killed with everything
-//! it started when it runs past its timeout.
-use std::io::Read;
+//! own process group, its output captured in an unlinked temporary file (the last
+//! [`MAX_OUTPUT`] bytes are kept), and, when it runs past its timeout, killed with everything
+//! it started in its group. A command that finishes in time may leave background processes
+//! running (`nohup … &`); they are its business, and they cannot hold the plan up: the output
+//! goes to a file, not a pipe whose end they would keep open.
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,13 +31,13 @@ pub fn run(
     env: &[(&str, String)],
     timeout: Duration,
 ) -> std::io::Result<HookOutcome> {
-    let (mut reader, writer) = std::io::pipe()?;
+    let mut out = tempfile::tempfile()?;
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(command)
         .stdin(Stdio::null())
-        .stdout(writer.try_clone()?)
-        .stderr(writer);
+        .stdout(out.try_clone()?)
+        .stderr(out.try_clone()?);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -49,25 +52,6 @@ pub fn run(
     }
     let started = Instant::now();
     let mut child = cmd.spawn()?;
-    // The pipe's write ends now live only in the child (and its children).
-    drop(cmd);
-    let collector = std::thread::spawn(move || {
-        let mut kept: Vec<u8> = Vec::new();
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            kept.extend_from_slice(&buf[..n]);
-            if kept.len() > 2 * MAX_OUTPUT {
-                kept.drain(..kept.len() - MAX_OUTPUT);
-            }
-        }
-        if kept.len() > MAX_OUTPUT {
-            kept.drain(..kept.len() - MAX_OUTPUT);
-        }
-        String::from_utf8_lossy(&kept).into_owned()
-    });
     let pgid = child.id() as i32;
     let mut timed_out = false;
     let status = loop {
@@ -76,6 +60,7 @@ pub fn run(
         }
         if started.elapsed() >= timeout {
             timed_out = true;
+            // The group still has its leader (not reaped yet): the id cannot be reused.
             unsafe {
                 libc::kill(-pgid, libc::SIGKILL);
             }
@@ -84,15 +69,14 @@ pub fn run(
         std::thread::sleep(Duration::from_millis(20));
     };
     let elapsed = started.elapsed();
-    // Background children that keep the pipe open are killed with the group.
-    unsafe {
-        libc::kill(-pgid, libc::SIGKILL);
-    }
-    let output = collector.join().unwrap_or_default();
+    let len = out.seek(SeekFrom::End(0))?;
+    out.seek(SeekFrom::Start(len.saturating_sub(MAX_OUTPUT as u64)))?;
+    let mut kept = Vec::new();
+    out.read_to_end(&mut kept)?;
     Ok(HookOutcome {
         exit_code: if timed_out { None } else { status.code() },
         timed_out,
-        output,
+        output: String::from_utf8_lossy(&kept).into_owned(),
         elapsed,
     })
 }
@@ -130,6 +114,21 @@ mod tests {
             !marker.exists(),
             "the command's background child was killed too"
         );
+    }
+
+    #[test]
+    fn a_background_process_that_keeps_running_does_not_hold_the_plan_up() {
+        let t = Instant::now();
+        // setsid leaves the group; the daemon keeps stdout open for 20 s.
+        let r = run(
+            "setsid sleep 20 & echo started",
+            &[],
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(r.exit_code, Some(0));
+        assert!(r.output.contains("started"));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     }
 
     #[test]

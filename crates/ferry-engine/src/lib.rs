@@ -26,7 +26,7 @@ pub mod points;
 mod workflows;
 
 pub use jobs::{Cancelled, JobCtx, Observer};
-pub use plans::{PlanAction, PlanRun, PlanStep};
+pub use plans::{PlanAction, PlanRun, PlanStep, PlanStopped};
 
 pub use workflows::{
     parse_rfc3339, test_copy_name, DryRun, DryRunDisk, FailbackOpts, FailoverMode, RunOpts,

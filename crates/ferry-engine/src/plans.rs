@@ -101,16 +101,28 @@ impl Engine {
         steps: Vec<GroupSteps>,
     ) -> Result<(Vec<Vec<String>>, Vec<GroupSteps>)> {
         ferry_model::validate_name("plan", name)?;
-        let groups: Vec<Vec<String>> = groups.into_iter().filter(|g| !g.is_empty()).collect();
-        if groups.is_empty() {
-            bail!("plan {name} needs at least one group: --group VM[,VM]...");
-        }
         if steps.len() > groups.len() {
             bail!(
                 "plan {name} has {} groups but steps for {}; --pre, --post, --timeout, --pause and --parallel follow the --group they belong to",
                 groups.len(),
                 steps.len()
             );
+        }
+        // An empty group goes, with its steps (they must not slide onto the next group).
+        let mut steps_of = steps.into_iter();
+        let (groups, steps): (Vec<Vec<String>>, Vec<GroupSteps>) = groups
+            .into_iter()
+            .map(|g| (g, steps_of.next().unwrap_or_default()))
+            .filter(|(g, st)| !g.is_empty() || *st != GroupSteps::default())
+            .collect();
+        if let Some(i) = groups.iter().position(|g| g.is_empty()) {
+            bail!(
+                "plan {name}: group {} has steps but no VM; give it VMs or drop its steps",
+                i + 1
+            );
+        }
+        if groups.is_empty() {
+            bail!("plan {name} needs at least one group: --group VM[,VM]...");
         }
         for (i, st) in steps.iter().enumerate() {
             if st.parallel == Some(0) {
@@ -186,13 +198,17 @@ impl Engine {
 
     /// Runs `action` on every VM of the plan, group after group, from group `start` (0: the
     /// first; a resumed run starts after the group whose pause stopped it). Failover and
-    /// failback runs also run each group's pre and post commands and stop at its pause.
+    /// failback runs also run each group's pre and post commands and stop at its pause;
+    /// `retry_post` names a group (0-based) whose post step failed in the last run: it runs
+    /// again (with the group's pause) though its VMs went through. A run that stops after
+    /// changing something fails with a [`PlanStopped`].
     pub fn run_plan(
         &self,
         name: &str,
         action: PlanAction,
         opts: RunOpts,
         start: usize,
+        retry_post: Option<usize>,
     ) -> Result<PlanRun> {
         let groups = self.plan(name)?;
         let steps = self.plan_steps(name)?;
@@ -249,20 +265,27 @@ impl Engine {
                     todo.push(vm.clone());
                 }
             }
-            let stopped = |what: String| {
-                anyhow!(
-                    "plan {name} stopped at group {}: {what}; groups after it were not touched. Fix the cause and re-run `ferry plan {} {name}` (VMs that went through are skipped)",
-                    gi + 1,
-                    action.name()
-                )
+            let stopped = |step: &'static str, what: String| {
+                anyhow::Error::new(PlanStopped {
+                    group: gi,
+                    step,
+                    message: format!(
+                        "plan {name} stopped at group {}: {what}; groups after it were not touched. Fix the cause and re-run `ferry plan {} {name}` (VMs that went through are skipped{})",
+                        gi + 1,
+                        action.name(),
+                        if step == "post" { "; this group's post step runs again" } else { "" }
+                    ),
+                })
             };
+            // The re-run after a failed post step runs that step (and the group's pause) again.
+            let retry = retry_post == Some(gi);
             if with_steps && !todo.is_empty() {
                 if let Some(c) = &st.pre {
                     let h = self.run_hook(name, &action, gi, group, "pre", c, st)?;
                     let failed = hook_failure(&h);
                     out.hooks.push(h);
                     if let Some(why) = failed {
-                        return Err(stopped(why));
+                        return Err(stopped("pre", why));
                     }
                 }
             }
@@ -293,15 +316,15 @@ impl Engine {
             }
             out.groups.push(steps_out);
             if !failures.is_empty() {
-                return Err(stopped(failures.join("; ")));
+                return Err(stopped("vms", failures.join("; ")));
             }
-            if with_steps && !todo.is_empty() {
+            if with_steps && (!todo.is_empty() || retry) {
                 if let Some(c) = &st.post {
                     let h = self.run_hook(name, &action, gi, group, "post", c, st)?;
                     let failed = hook_failure(&h);
                     out.hooks.push(h);
                     if let Some(why) = failed {
-                        return Err(stopped(why));
+                        return Err(stopped("post", why));
                     }
                 }
                 if let (Some(text), true) = (&st.pause, gi + 1 < groups.len()) {
@@ -437,6 +460,25 @@ impl Engine {
         Ok(h)
     }
 }
+
+/// Why a plan run stopped part-way: the group (0-based) and its step (`pre`, `vms`, `post`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanStopped {
+    /// The group, 0-based.
+    pub group: usize,
+    /// `pre`, `vms` or `post`.
+    pub step: &'static str,
+    /// What happened and what to do next.
+    pub message: String,
+}
+
+impl std::fmt::Display for PlanStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PlanStopped {}
 
 /// What one VM's part of a plan run produced: its job, or a dry run's prediction.
 type VmOutcome = (Option<ferry_model::Job>, Option<ferry_api::DryRun>);

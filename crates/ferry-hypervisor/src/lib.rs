@@ -121,6 +121,16 @@ pub enum HvError {
     /// Invalid input.
     #[error("{0}")]
     Invalid(String),
+    /// No guest agent answered, so nothing was asked of the guest (nothing to thaw).
+    #[error("VM {vm} on host {host}: {detail}")]
+    NoGuestAgent {
+        /// VM name.
+        vm: String,
+        /// Host name.
+        host: String,
+        /// Why.
+        detail: String,
+    },
     /// The guest could not be frozen or thawed through its guest agent.
     #[error("VM {vm} on host {host}: {detail}")]
     GuestAgent {
@@ -444,7 +454,7 @@ pub trait Hypervisor: Send + Sync {
     /// many were frozen. The default: this driver runs no guest agent.
     fn freeze_guest(&self, vm: &str, timeout: std::time::Duration) -> Result<u32> {
         let _ = timeout;
-        Err(HvError::GuestAgent {
+        Err(HvError::NoGuestAgent {
             vm: vm.into(),
             host: self.host().name.clone(),
             detail: "this host's driver has no guest agent channel".into(),

@@ -77,6 +77,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// QMP reply timeout of the driver's short sessions.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a guest agent to answer guest-sync (an agent that runs answers at once).
+const QGA_SYNC_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for a freeze that timed out to finish in the guest, and the thaw behind it.
+const QGA_LATE_FREEZE_WAIT: Duration = Duration::from_secs(120);
 /// Longest wait for the guest agent to thaw (per attempt).
 const QGA_THAW_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a qemu-nbd server to listen.
@@ -1219,25 +1223,38 @@ impl Hypervisor for QemuDriver {
     fn freeze_guest(&self, vm: &str, timeout: Duration) -> Result<u32> {
         let p = self.paths(vm)?;
         self.must_read(vm)?;
+        let none = |detail: String| HvError::NoGuestAgent {
+            vm: vm.into(),
+            host: self.host.name.clone(),
+            detail,
+        };
         let fail = |detail: String| HvError::GuestAgent {
             vm: vm.into(),
             host: self.host.name.clone(),
             detail,
         };
         if Self::live_pid(&p).is_none() {
-            return Err(fail(
+            return Err(none(
                 "the VM is not running, so no guest agent can freeze it".into(),
             ));
         }
-        let started = Instant::now();
-        let mut q = crate::qga::Qga::connect(&p.qga, timeout).map_err(|e| fail(e.to_string()))?;
-        let left = timeout
-            .saturating_sub(started.elapsed())
-            .max(Duration::from_millis(1));
-        let n = q
-            .execute("guest-fsfreeze-freeze", None, left)
-            .map_err(|e| fail(e.to_string()))?;
-        Ok(n.as_u64().unwrap_or(0) as u32)
+        // An agent answers guest-sync at once; no answer: nothing was asked of the guest.
+        let mut q =
+            crate::qga::Qga::connect(&p.qga, QGA_SYNC_TIMEOUT).map_err(|e| none(e.to_string()))?;
+        match q.execute("guest-fsfreeze-freeze", None, timeout) {
+            Ok(n) => Ok(n.as_u64().unwrap_or(0) as u32),
+            Err(e) => {
+                // The freeze may still be running in the guest: queue the thaw behind it at
+                // once, and wait (longer) until both are done.
+                let thawed = q
+                    .send_only("guest-fsfreeze-thaw")
+                    .and_then(|_| q.sync(QGA_LATE_FREEZE_WAIT));
+                Err(fail(match thawed {
+                    Ok(()) => format!("{e}; the freeze was undone (thawed)"),
+                    Err(t) => format!("{e}; undoing it failed too: {t}"),
+                }))
+            }
+        }
     }
 
     fn thaw_guest(&self, vm: &str) -> Result<()> {

@@ -113,6 +113,12 @@ impl Qga {
         Ok(v.get("return").cloned().unwrap_or(Value::Null))
     }
 
+    /// Sends `command` without waiting for its reply (it queues behind a command the agent
+    /// is still running; a later [`Qga::sync`] waits for both).
+    pub fn send_only(&mut self, command: &str) -> Result<(), QgaError> {
+        self.send(&json!({ "execute": command }))
+    }
+
     fn send(&mut self, msg: &Value) -> Result<(), QgaError> {
         let mut line = msg.to_string();
         line.push('\n');

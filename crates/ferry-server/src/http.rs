@@ -555,7 +555,17 @@ async fn create_plan(
     headers: HeaderMap,
     Body(req): Body<PlanCreate>,
 ) -> Reply<PlanView> {
-    s.call(headers, Role::Operator, move |api| {
+    // Pre and post steps are shell commands the server runs as itself: an admin's to give.
+    let role = if req
+        .steps
+        .iter()
+        .any(|s| s.pre.is_some() || s.post.is_some())
+    {
+        Role::Admin
+    } else {
+        Role::Operator
+    };
+    s.call(headers, role, move |api| {
         check_name("plan", &req.name)?;
         api.create_plan(&req)
     })

@@ -110,9 +110,30 @@ impl Local {
             PlanActionKind::ReverseReplicate => PlanAction::ReverseReplicate,
         };
         let label = action_label(req);
-        let r = e.run_plan(name, action, opts(&req.data), start);
+        let last = e.vault.plan_progress(name).map_err(vault_err)?;
+        // A post step that failed in the last run of this action runs again.
+        let retry_post = last
+            .as_ref()
+            .filter(|p| {
+                start == 0
+                    && p["state"] == "failed"
+                    && p["failed_step"] == "post"
+                    && p["action"] == label.as_str()
+            })
+            .and_then(|p| p["failed_group"].as_u64())
+            .map(|g| g as usize);
+        let r = e.run_plan(name, action, opts(&req.data), start, retry_post);
         // What the run did, for `plan show` and `plan resume`.
         let mut progress = serde_json::json!({"action": label, "at": ferry_vault::now()});
+        if let Err(x) = &r {
+            let Some(stop) = x.downcast_ref::<ferry_engine::PlanStopped>() else {
+                // Refused before anything changed: the last run's record stays (a paused
+                // plan stays resumable).
+                return Err(refused(r.unwrap_err()));
+            };
+            progress["failed_group"] = stop.group.into();
+            progress["failed_step"] = stop.step.into();
+        }
         match &r {
             Ok(run) => match &run.paused {
                 Some(text) => {

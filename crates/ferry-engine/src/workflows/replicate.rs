@@ -281,10 +281,15 @@ impl Engine {
                 .unwrap_or(crate::DEFAULT_APP_RETENTION.as_secs()),
             // A test copy's point stays while the copy exists, a pending failover's until
             // commit.
-            in_use: [extra.test.map(|t| t.point), extra.failover_point]
-                .into_iter()
-                .flatten()
-                .collect(),
+            in_use: [
+                extra.test.map(|t| t.point),
+                extra
+                    .failover_point
+                    .filter(|_| item.state == ItemState::FailoverCommitPending),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         };
         let expired = keep.expired(&points);
         if expired.is_empty() {
