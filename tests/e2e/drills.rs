@@ -85,3 +85,71 @@ fn a_test_failover_runs_beside_replication_and_its_cleanup_leaves_nothing() {
     assert_job_state(&f.json(&["failover", "app", "--planned"]), "succeeded");
     assert_all_identical(&prim, &f.disk_paths("app", "r1"));
 }
+
+#[test]
+fn a_pending_failover_moves_to_another_point_and_commit_keeps_the_points() {
+    let f = Ferry::new();
+    f.setup_two_sites(&["lan"]);
+    let prim = f.protected_vm("app", &[4 * MIB], &["lan"], MIB)[0].clone();
+    let mut at = Vec::new();
+    for seed in [61, 62] {
+        write_random(&prim, MIB, MIB, seed);
+        assert_job_state(&f.json(&["replicate", "app"]), "succeeded");
+        at.push(std::fs::read(&prim).unwrap());
+    }
+    let ids: Vec<i64> = f
+        .points("app")
+        .iter()
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect();
+    let (older, newer) = (ids[1], ids[0]);
+    // A point id names no failover mode: on a protected VM it needs --unplanned or --test.
+    let err = f.fail(&["failover", "app", "--point", &older.to_string()]);
+    assert!(err.contains("--unplanned and --test"), "{err}");
+    let err = f.fail(&[
+        "failover",
+        "app",
+        "--unplanned",
+        "--point",
+        "latest-app-consistent",
+    ]);
+    assert!(err.contains("no app-consistent point"), "{err}");
+    f.assert_state("app", "protected");
+
+    f.ok(&["vm", "stop", "app", "--host", PRIMARY_HOST]);
+    let older_s = older.to_string();
+    assert_job_state(
+        &f.json(&["failover", "app", "--unplanned", "--point", &older_s]),
+        "succeeded",
+    );
+    assert_eq!(f.status("app")["failover_point"], older);
+    let rec = f.disk_path("app", RECOVERY_HOST, 0);
+    assert!(
+        std::fs::read(&rec).unwrap() == at[0],
+        "restored from the older point"
+    );
+    write_random(&rec, 0, 64 * KIB, 63);
+
+    // Moved to the newer point: the recovery copy's own writes are gone with the old copy.
+    let j = f.json(&["failover", "app", "--point", &newer.to_string()]);
+    assert_job_state(&j, "succeeded");
+    f.assert_state("app", "failover_commit_pending");
+    assert_eq!(f.status("app")["failover_point"], newer);
+    assert!(
+        std::fs::read(&rec).unwrap() == at[1],
+        "restored from the newer point"
+    );
+    assert_eq!(f.power("app", Some(RECOVERY_HOST)), "running");
+    let err = f.fail(&["failover", "app", "--point", &newer.to_string()]);
+    assert!(err.contains("already runs from point"), "{err}");
+
+    assert_job_state(&f.json(&["commit", "app"]), "succeeded");
+    let st = f.status("app");
+    assert!(st.get("failover_point").is_none(), "{st}");
+    let after: Vec<i64> = f
+        .points("app")
+        .iter()
+        .map(|p| p["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(after, ids, "commit prunes no point");
+}

@@ -665,6 +665,10 @@ pub struct StatusView {
     /// The VM's test copy (a drill), while one exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test: Option<TestView>,
+    /// While a failover awaits commit: the point the recovery copy runs from (`ferry
+    /// failover VM --point ID` changes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_point: Option<i64>,
 }
 
 /// A running test copy of a VM.

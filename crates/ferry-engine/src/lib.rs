@@ -165,6 +165,9 @@ pub struct Status {
     /// Its test copy, while one exists.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test: Option<TestCopy>,
+    /// While a failover awaits commit: the point the recovery copy was restored from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover_point: Option<i64>,
 }
 
 /// One ferry installation opened by this process.
@@ -698,13 +701,16 @@ impl Engine {
             Some(id) => self.vault.job(id)?,
             None => None,
         };
-        let test = self.extra(vm)?.test;
+        let extra = self.extra(vm)?;
         Ok(Status {
+            failover_point: extra
+                .failover_point
+                .filter(|_| item.state == ItemState::FailoverCommitPending),
             vm: item.vm,
             state: item.state,
             active_site: item.state.active_side().as_str().into(),
             job,
-            test,
+            test: extra.test,
         })
     }
 

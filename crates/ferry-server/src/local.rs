@@ -281,6 +281,7 @@ impl Local {
             active_site: s.active_site,
             job: s.job,
             rpo,
+            failover_point: s.failover_point,
             test: s.test.map(|t| ferry_api::TestView {
                 host: t.host,
                 name: t.name,
@@ -564,6 +565,7 @@ impl Api for Local {
                     job: None,
                     rpo: None,
                     test: None,
+                    failover_point: None,
                 })
             }
         }
