@@ -504,3 +504,46 @@ fn plan_commands_are_an_admins_to_give_a_plain_plan_an_operators() {
     // The admin of the harness may.
     f.ok(&["plan", "create", "q", "--group", "app", "--post", "true"]);
 }
+
+#[test]
+fn the_scheduler_asks_for_app_consistent_cycles_when_they_are_due() {
+    let f = Ferry::served();
+    f.setup_two_sites(&["lan"]);
+    f.create_vm("app", PRIMARY_HOST, &[4 * MIB], &["lan"]);
+    f.ok(&["vm", "start", "app"]);
+    f.json(&[
+        "protect",
+        "app",
+        "--to",
+        "dr",
+        "--rpo",
+        "2s",
+        "--app-consistent-every",
+        "1h",
+        "--app-retention",
+        "7d",
+    ]);
+    // No app-consistent point exists, so the first scheduled cycle asks the guest to freeze;
+    // the dir driver runs no guest agent: a crash-consistent point, and the job says why.
+    let t = Instant::now();
+    let cycle = loop {
+        let jobs = f.all_jobs();
+        if let Some(j) = jobs
+            .iter()
+            .find(|j| j["kind"] == "replicate" && j["state"] == "succeeded")
+        {
+            break j.clone();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "no scheduled cycle: {jobs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let notes = cycle["notes"].to_string();
+    assert!(
+        notes.contains("not app-consistent") && notes.contains("no guest agent channel"),
+        "{cycle}"
+    );
+    assert_eq!(f.points("app")[0]["consistency"], "crash");
+}
