@@ -3,11 +3,11 @@
 //! prints what the guest found after each move: a clean file system and every file it had
 //! fsynced before its VM stopped.
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use ferry_engine::{Engine, FailbackOpts, FailoverMode, RunOpts};
-use ferry_hypervisor::guest::{read_console, BootReport};
+use ferry_hypervisor::guest::{console_path, read_console, wait_console, BootReport};
 use ferry_model::{format_bytes, DriverKind, Job, SiteRole};
 use serde_json::json;
 
@@ -19,35 +19,29 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The console log of the copy of the demo VM on `host`.
 fn console(e: &Engine, host: &str) -> Result<PathBuf> {
-    Ok(e.host(host)?.root.join(VM).join("console.log"))
+    Ok(console_path(&e.host(host)?.root, VM))
 }
 
 /// Waits until the guest on `host` booted (more than `boots` boots in its log), checked its
 /// disk and wrote `files` more files; fails when its checks found damage.
 fn wait_guest(e: &Engine, host: &str, boots: usize, files: u64) -> Result<BootReport> {
     let path = console(e, host)?;
-    let t = Instant::now();
-    loop {
-        let b = read_console(&path);
-        if b.boots > boots && b.checked() {
-            if !b.clean() {
-                bail!(
-                    "the guest on {host} found damage at boot (this is a bug, please report it):\n{}",
-                    b.lines.join("\n")
-                );
-            }
-            if b.synced >= b.last_at_boot + files {
-                return Ok(b);
-            }
-        }
-        if t.elapsed() > BOOT_TIMEOUT {
-            bail!(
-                "the guest on {host} did not boot and write within {BOOT_TIMEOUT:?} (see {}); under nested KVM run with FERRY_QEMU_ACCEL=tcg",
-                path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let b = wait_console(&path, BOOT_TIMEOUT, |b| {
+        b.boots > boots && b.checked() && (!b.clean() || b.synced >= b.last_at_boot + files)
+    })
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "the guest on {host} did not boot and write within {BOOT_TIMEOUT:?} (see {}); under nested KVM run with FERRY_QEMU_ACCEL=tcg",
+            path.display()
+        )
+    })?;
+    if !b.clean() {
+        bail!(
+            "the guest on {host} found damage at boot (this is a bug, please report it):\n{}",
+            b.lines.join("\n")
+        );
     }
+    Ok(b)
 }
 
 /// The guest's check at a boot, in words.

@@ -10,9 +10,9 @@
 //! (as in `.ci/run`), which makes a missing image a failure.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_hypervisor::guest::{read_console, BootReport as Boot};
+use ferry_hypervisor::guest::{self, read_console, BootReport as Boot};
 use ferry_hypervisor::qga::Qga;
 use serde_json::Value;
 
@@ -37,7 +37,7 @@ fn guest_image(test: &str) -> Option<PathBuf> {
 }
 
 fn console(q: &QemuFerry, vm: &str, host: &str) -> PathBuf {
-    q.f.host_root(host).join(vm).join("console.log")
+    guest::console_path(&q.f.host_root(host), vm)
 }
 
 /// Waits until the console of `vm` on `host` satisfies `cond` (at most 90 s under TCG).
@@ -49,21 +49,12 @@ fn wait_console(
     what: &str,
     cond: impl Fn(&Boot) -> bool,
 ) -> Boot {
-    let path = console(q, vm, host);
-    let t = Instant::now();
-    loop {
-        let b = read_console(&path);
-        if cond(&b) {
-            return b;
-        }
-        if t.elapsed() > Duration::from_secs(90) {
-            panic!(
-                "{vm}@{host}: {what} did not happen within 90 s; its console since the last boot:\n{}",
-                b.lines.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    guest::wait_console(&console(q, vm, host), Duration::from_secs(90), cond).unwrap_or_else(|b| {
+        panic!(
+            "{vm}@{host}: {what} did not happen within 90 s; its console since the last boot:\n{}",
+            b.lines.join("\n")
+        )
+    })
 }
 
 /// Waits for a boot after `boots_before` boots and its checks, and asserts the file system

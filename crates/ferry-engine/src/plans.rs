@@ -176,13 +176,12 @@ impl Engine {
         })
     }
 
-    /// The steps around a plan's groups (an entry per group; missing ones are empty).
+    /// The steps around a plan's groups, as stored: an entry per group up to the last group
+    /// that has any.
     pub fn plan_steps(&self, name: &str) -> Result<Vec<GroupSteps>> {
-        let groups = self.plan(name)?;
-        let mut steps: Vec<GroupSteps> = serde_json::from_value(self.vault.plan_steps(name)?)
-            .with_context(|| format!("plan {name}: its steps in the vault are unreadable"))?;
-        steps.resize(groups.len(), GroupSteps::default());
-        Ok(steps)
+        self.plan(name)?;
+        serde_json::from_value(self.vault.plan_steps(name)?)
+            .with_context(|| format!("plan {name}: its steps in the vault are unreadable"))
     }
 
     /// True when `item`'s VM already went through `action` (a re-run skips it).
@@ -211,7 +210,8 @@ impl Engine {
         retry_post: Option<usize>,
     ) -> Result<PlanRun> {
         let groups = self.plan(name)?;
-        let steps = self.plan_steps(name)?;
+        let mut steps = self.plan_steps(name)?;
+        steps.resize(groups.len(), GroupSteps::default());
         if start >= groups.len() {
             bail!(
                 "plan {name} has {} groups; nothing to run from group {}",

@@ -2,7 +2,16 @@
 //! console: at each boot the result of `e2fsck -fn` on its data disk and of `sha256sum -c` on
 //! the files it wrote, then a line per file it fsynced. The qemu driver keeps that console in
 //! `console.log` in the VM's folder; [`read_console`] reads the last boot's report from it.
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The file, in a qemu VM's folder, that keeps its serial console.
+pub const CONSOLE_FILE: &str = "console.log";
+
+/// The console log of VM `vm` on a qemu host whose root folder is `root`.
+pub fn console_path(root: &Path, vm: &str) -> PathBuf {
+    root.join(vm).join(CONSOLE_FILE)
+}
 
 /// What the guest reported since its last boot.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -83,6 +92,26 @@ pub fn parse_console(text: &str) -> BootReport {
 /// Reads the console log at `path` (a missing file is an empty report).
 pub fn read_console(path: &Path) -> BootReport {
     parse_console(&std::fs::read_to_string(path).unwrap_or_default())
+}
+
+/// Reads the console log at `path` every 200 ms until its report satisfies `cond` (answered
+/// as `Ok`), or `timeout` passes (the last report as `Err`).
+pub fn wait_console(
+    path: &Path,
+    timeout: Duration,
+    cond: impl Fn(&BootReport) -> bool,
+) -> Result<BootReport, BootReport> {
+    let t = Instant::now();
+    loop {
+        let b = read_console(path);
+        if cond(&b) {
+            return Ok(b);
+        }
+        if t.elapsed() > timeout {
+            return Err(b);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[cfg(test)]

@@ -232,7 +232,7 @@ impl VmPaths {
     fn new(dir: PathBuf) -> Self {
         VmPaths {
             qga: dir.join("qga.sock"),
-            console: dir.join("console.log"),
+            console: dir.join(crate::guest::CONSOLE_FILE),
             kernel: dir.join("boot-vmlinuz"),
             initrd: dir.join("boot-initrd.img"),
             json: dir.join("vm.json"),

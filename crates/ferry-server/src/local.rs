@@ -621,13 +621,7 @@ impl Api for Local {
     fn plan(&self, name: &str) -> ApiResult<PlanView> {
         let (e, _) = self.engine(None, None)?;
         let groups = e.plan(name).map_err(refused)?;
-        let mut steps = e.plan_steps(name).map_err(refused)?;
-        while steps
-            .last()
-            .is_some_and(|s| *s == ferry_api::GroupSteps::default())
-        {
-            steps.pop();
-        }
+        let steps = e.plan_steps(name).map_err(refused)?;
         let last_run = e
             .vault
             .plan_progress(name)

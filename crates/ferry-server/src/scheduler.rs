@@ -87,7 +87,8 @@ fn run(local: Local, stop: Arc<AtomicBool>) {
             let every = vault
                 .item_extra(&item.vm)
                 .ok()
-                .and_then(|x| x.get("app_every_secs").and_then(|v| v.as_u64()));
+                .and_then(|x| serde_json::from_value::<ferry_engine::ItemExtra>(x).ok())
+                .and_then(|x| x.app_every_secs);
             let app_age = points
                 .iter()
                 .find(|p| p.consistency == ferry_model::Consistency::App)
